@@ -1,0 +1,111 @@
+"""The ``llava-platform`` command.
+
+    llava-platform data synth --out data/synth --n 1000 --seed 0
+    llava-platform model build --preset tiny --out models/tiny
+    llava-platform model build --vision-tower openai/clip-vit-large-patch14-336 --llm lmsys/vicuna-7b-v1.5 --out s3://bucket/llava-init
+    llava-platform demo
+
+Errors caused by the user (bad config, missing files, unknown preset) print one clear message and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from llava_platform.errors import LlavaPlatformError
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="datasets: synthesise the shape world")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    synth = dsub.add_parser("synth", help="write the synthetic shape world in LLaVA formats")
+    synth.add_argument("--out", required=True, help="output directory (images/, pretrain.json, instruct.json, eval/)")
+    synth.add_argument("--n", type=int, default=1000, help="training scenes, one image each (default 1000)")
+    synth.add_argument("--n-eval", type=int, default=None, help="held-out eval scenes (default max(20, n/10))")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    synth.set_defaults(func=_cmd_synth)
+
+
+def _add_model(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="build, inspect and save LLaVA models")
+    msub = model.add_subparsers(dest="model_cmd", required=True)
+    build = msub.add_parser("build", help="build a LLaVA model and write it in HF format")
+    src = build.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="tiny (tests) or small (demo): built from config, tokenizer trained locally")
+    src.add_argument("--checkpoint", help="an existing LLaVA checkpoint in HF format (path or s3://)")
+    src.add_argument("--vision-tower", help="CLIP vision tower: hub id, path or s3:// URI (use with --llm)")
+    build.add_argument("--llm", help="causal LM (llama family): hub id, path or s3:// URI")
+    build.add_argument("--tokenizer", help="tokenizer source when not beside the LLM")
+    build.add_argument("--projector-type", default="mlp2x_gelu", help="mlp2x_gelu (LLaVA-1.5) or linear (LLaVA-1.0)")
+    build.add_argument("--vision-feature-layer", type=int, default=-2, help="CLIP layer to take features from (default -2)")
+    build.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    build.add_argument("--seed", type=int, default=0, help="seed for random initialisation (default 0)")
+    build.add_argument("--out", required=True, help="output directory or s3:// URI")
+    build.set_defaults(func=_cmd_model_build)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from llava_platform.data.synthetic import write_dataset
+
+    summary = write_dataset(args.out, n=args.n, seed=args.seed, n_eval=args.n_eval)
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+def _cmd_model_build(args: argparse.Namespace) -> int:
+    from llava_platform.config.loader import validate
+    from llava_platform.config.schema import ModelSpec
+    from llava_platform.model.builder import build_model, describe, save_model
+
+    fields = {
+        "preset": args.preset,
+        "checkpoint": args.checkpoint,
+        "vision_tower": args.vision_tower,
+        "llm": args.llm,
+        "tokenizer": args.tokenizer,
+        "projector_type": args.projector_type,
+        "vision_feature_layer": args.vision_feature_layer,
+        "dtype": args.dtype,
+        "seed": args.seed,
+    }
+    spec = validate(ModelSpec, {k: v for k, v in fields.items() if v is not None}, "command-line flags")
+    model, processor = build_model(spec)
+    where = save_model(model, processor, args.out)
+    print(json.dumps({"saved": where, **describe(model)}, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from llava_platform.demo import run_demo
+
+    run_demo(args.workdir, n=args.n)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-platform", description="Train and serve LLaVA-style models.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_data(sub)
+    _add_model(sub)
+    demo = sub.add_parser("demo", help="the end-to-end demo on the embedded default (local, CPU)")
+    demo.add_argument("--workdir", default="demo_run", help="where data, models and runs go (default demo_run/)")
+    demo.add_argument("--n", type=int, default=200, help="synthetic training scenes (default 200)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LlavaPlatformError as e:
+        print(f"llava-platform: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

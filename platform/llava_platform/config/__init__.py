@@ -1,0 +1,31 @@
+"""Typed, strict run configuration: pydantic models, YAML loading and dotted overrides."""
+
+from llava_platform.config.loader import apply_overrides, load_config, parse_overrides
+from llava_platform.config.schema import (
+    DataConfig,
+    EvalConfig,
+    ModelSpec,
+    PreprocessJobConfig,
+    ServeConfig,
+    StorageConfig,
+    TrackingConfig,
+    TrainConfig,
+    TrainJobConfig,
+    EvalJobConfig,
+)
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "EvalJobConfig",
+    "ModelSpec",
+    "PreprocessJobConfig",
+    "ServeConfig",
+    "StorageConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TrainJobConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_overrides",
+]

@@ -1,0 +1,262 @@
+"""Typed configuration models. Every model is strict about keys (``extra="forbid"``) so that a typo
+in a YAML file or a ``--set`` override is an error that names the key, never a silently ignored value.
+
+The sections are shared by the job configs at the bottom of this file: a preprocess job, a training
+job (one per LLaVA stage), an evaluation job; the Serve application has its own ``ServeConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+Stage = Literal["pretrain", "finetune"]
+TemplateName = Literal["plain", "llava_v1"]
+
+#: The conversation template each LLaVA stage trains with (LLaVA-1.5: ``plain`` for feature
+#: alignment, ``llava_v1`` (vicuna v1) for visual instruction tuning).
+STAGE_TEMPLATES: dict[str, str] = {"pretrain": "plain", "finetune": "llava_v1"}
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(StrictModel):
+    """Where S3 credentials and the endpoint come from. Every field falls back to the standard AWS
+    environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+    ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_REGION``), then to botocore's own chain
+    (profiles, instance roles)."""
+
+    # S3-compatible endpoint (MinIO, moto, Ceph...); None means AWS itself.
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    # Anonymous access to public buckets: no credentials are looked up.
+    anon: bool = False
+
+
+class ModelSpec(StrictModel):
+    """Which LLaVA model to build or load. Exactly one source:
+
+    - ``preset``: a tiny or small model built from config with a locally trained tokenizer;
+    - ``checkpoint``: an existing LLaVA checkpoint in HF format (llava-hf or one of ours);
+    - ``vision_tower`` + ``llm``: compose a new LLaVA from a CLIP vision tower and a causal LM.
+
+    Paths may be local, ``s3://`` URIs, or (for the last two) hub ids where a hub is reachable.
+    """
+
+    preset: Literal["tiny", "small"] | None = None
+    checkpoint: str | None = None
+    vision_tower: str | None = None
+    llm: str | None = None
+    # Tokenizer source when it is not stored beside the LLM weights.
+    tokenizer: str | None = None
+    # LLaVA-1.5 uses a two-layer MLP with GELU; LLaVA-1.0 a single linear layer.
+    projector_type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+    # LLaVA takes the penultimate CLIP layer: the last one is tuned for the contrastive head.
+    vision_feature_layer: int = -2
+    # "default" drops CLIP's CLS token (LLaVA), "full" keeps it.
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    # Seed for random initialisation (presets, new projector).
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        sources = [
+            name
+            for name, given in (
+                ("preset", self.preset is not None),
+                ("checkpoint", self.checkpoint is not None),
+                ("vision_tower+llm", self.vision_tower is not None or self.llm is not None),
+            )
+            if given
+        ]
+        if len(sources) != 1:
+            raise ValueError(
+                "give exactly one model source: `preset`, `checkpoint`, or `vision_tower` + `llm`"
+                f" (got {', '.join(sources) or 'none'})"
+            )
+        if sources == ["vision_tower+llm"] and (self.vision_tower is None or self.llm is None):
+            raise ValueError("composing a model needs both `vision_tower` and `llm`")
+        return self
+
+
+class DataConfig(StrictModel):
+    """A LLaVA-format dataset and how to turn it into training records."""
+
+    # LLaVA JSON array or JSONL of {id, image?, conversations}; local path or s3:// URI.
+    data_path: str
+    # Folder the records' `image` fields are relative to.
+    image_root: str | None = None
+    # None: the stage's template (plain for pretrain, llava_v1 for finetune).
+    template: TemplateName | None = None
+    # LLaVA-1.5 trains with 2048 tokens; image tokens count towards it.
+    max_length: int = Field(2048, gt=0)
+    # LLaVA-1.5 pads images to a square with the processor's mean colour.
+    image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
+    # Decompression-bomb guard (Pillow's own default limit).
+    max_image_pixels: int = Field(89_478_485, gt=0)
+    on_bad_record: Literal["skip", "fail"] = "skip"
+
+
+class LoraConfig(StrictModel):
+    """LoRA on the language model (stage 2); the projector still trains fully."""
+
+    r: int = Field(128, gt=0)
+    alpha: int = Field(256, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfig(StrictModel):
+    """One LLaVA training stage on Ray Train + DeepSpeed."""
+
+    stage: Stage
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    accelerator_type: str | None = None
+    # global batch = micro batch x gradient accumulation x workers
+    global_batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    # Stage 2 with LoRA: LLaVA trains the projector at its own learning rate.
+    projector_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    # Stops early when set (smoke runs); otherwise derived from epochs and the dataset size.
+    max_steps: int | None = Field(None, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    group_by_modality_length: bool = False
+    unfreeze_vision_tower: bool = False
+    lora: LoraConfig | None = None
+    save_steps: int = Field(500, gt=0)
+    num_to_keep: int = Field(2, gt=0)
+    max_failures: int = Field(3, ge=-1)
+    logging_steps: int = Field(1, gt=0)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of"
+                f" micro_batch_size x num_workers ({self.micro_batch_size} x {self.num_workers} = {per_step})"
+            )
+        if self.lora is not None and self.stage != "finetune":
+            raise ValueError("`lora` applies to stage `finetune` only (stage 1 trains the projector alone)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("`offload_params` needs zero_stage 3")
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class TrackingConfig(StrictModel):
+    """MLflow tracking. With no URI, ``MLFLOW_TRACKING_URI`` is used, else a local SQLite store."""
+
+    tracking_uri: str | None = None
+    experiment: str = "llava-platform"
+    # Artifact root for a new experiment (local dir or s3://); None: the tracking server's default.
+    artifact_location: str | None = None
+    # Register the final export as a new version of this model; None skips registration.
+    registered_model_name: str | None = None
+
+
+class ServeConfig(StrictModel):
+    """The Ray Serve application (replica counts and autoscaling live in serve_config.yaml)."""
+
+    # Model URI: local path, s3://, or MLflow (models:/name/version, runs:/id/path).
+    model: str
+    model_name: str = "llava"
+    # Bearer key; None disables auth. Falls back to LLAVA_API_KEY in the environment.
+    api_key: SecretStr | None = None
+    max_new_tokens_limit: int = Field(1024, gt=0)
+    max_images_per_request: int = Field(1, gt=0)
+    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    # Hosts from which http(s) image URLs may be fetched; empty: data: URLs only.
+    allowed_image_hosts: list[str] = []
+    encoder_cache_size: int = Field(1024, ge=0)
+
+
+class JudgeConfig(StrictModel):
+    """An OpenAI-compatible endpoint used as the LLM judge (LLaVA-Bench style review)."""
+
+    base_url: str
+    model: str
+    api_key: SecretStr | None = None
+
+
+class EvalConfig(StrictModel):
+    """Batch evaluation on a LLaVA model_vqa question file."""
+
+    questions: str
+    image_root: str
+    answers_key: str | None = None
+    output_dir: str
+    template: TemplateName = "llava_v1"
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0)
+    num_actors: int = Field(1, gt=0)
+    use_gpu: bool = False
+    # Also answer every question with the image withheld (the "blind" baseline).
+    blind_baseline: bool = True
+    judge: JudgeConfig | None = None
+
+
+class PreprocessJobConfig(StrictModel):
+    """`jobs/preprocess.py`: LLaVA JSON + images -> tokenized Parquet shards."""
+
+    stage: Stage
+    # The model whose tokenizer and image size the records are prepared for.
+    model: ModelSpec
+    data: DataConfig
+    output_path: str
+    rows_per_shard: int = Field(1024, gt=0)
+    storage: StorageConfig = StorageConfig()
+
+
+class TrainJobConfig(StrictModel):
+    """`jobs/pretrain.py` / `jobs/finetune.py`: one LLaVA stage."""
+
+    name: str
+    model: ModelSpec
+    # Prepared shards (output of the preprocess job).
+    prepared_data: str
+    # Ray Train storage (checkpoints): local dir or s3://.
+    storage_path: str
+    # HF-format export of the trained model.
+    output_path: str
+    train: TrainConfig
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+class EvalJobConfig(StrictModel):
+    """`jobs/evaluate.py`: generate answers, score them, log to MLflow."""
+
+    model: ModelSpec
+    eval: EvalConfig
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()

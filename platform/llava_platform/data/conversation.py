@@ -1,0 +1,155 @@
+"""Conversation templates and the tokenization of LLaVA records into ``input_ids`` + ``labels``.
+
+Templates are HF chat templates (``data/templates/*.jinja``) whose assistant parts sit inside
+``{% generation %}``; the loss mask comes from
+``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)``, not from hand-computed
+offsets. The one ``<image>`` token is then expanded to the number of image features the vision tower
+produces, so that ``LlavaForConditionalGeneration`` finds one placeholder per feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Sequence
+
+from llava_platform.errors import RecordError, TemplateError
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+TEMPLATE_NAMES = ("plain", "llava_v1")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@cache
+def chat_template(name: str) -> str:
+    """The Jinja source of a named conversation template.
+
+    Raises:
+        TemplateError: unknown template name.
+    """
+    if name not in TEMPLATE_NAMES:
+        raise TemplateError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    return resources.files("llava_platform.data").joinpath("templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def llava_turns_to_messages(conversations: Any, has_image: bool) -> list[dict[str, str]]:
+    """Validate LLaVA turns (``{"from": "human"|"gpt", "value": str}``) and convert them to chat messages.
+
+    The ``<image>`` placeholder may stand at the start or the end of its human turn (both occur in
+    LLaVA's data); like LLaVA's ``preprocess_multimodal`` it is moved to the start, followed by a newline.
+
+    Raises:
+        RecordError: with a stable ``reason`` code when the conversation is unusable.
+    """
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordError("empty_conversation", "`conversations` must be a non-empty list")
+    messages: list[dict[str, str]] = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RecordError("malformed_turn", f"turn {i} must be an object with `from` and `value`")
+        role = _ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
+        if role is None:
+            raise RecordError("unknown_role", f"turn {i} is from {turn['from']!r}; expected human or gpt")
+        if not isinstance(turn["value"], str):
+            raise RecordError("non_string_text", f"turn {i} value is {type(turn['value']).__name__}, not a string")
+        messages.append({"role": role, "content": turn["value"]})
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    if not body or body[0]["role"] != "user":
+        raise RecordError("first_turn_not_human", "the first turn (after an optional system turn) must be from human")
+    for prev, cur in zip(body, body[1:]):
+        if prev["role"] == cur["role"]:
+            raise RecordError("roles_not_alternating", f"two consecutive {cur['role']} turns")
+    if not any(m["role"] == "assistant" for m in body):
+        raise RecordError("no_assistant_turn", "the conversation has no gpt turn to learn from")
+
+    count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if has_image and count == 0:
+        raise RecordError("image_without_placeholder", "the record has an image but no <image> in its turns")
+    if has_image and count > 1:
+        raise RecordError("multiple_image_placeholders", f"{count} <image> placeholders for one image")
+    if not has_image and count:
+        raise RecordError("placeholder_without_image", "<image> appears but the record has no image")
+    for m in messages:
+        if IMAGE_PLACEHOLDER in m["content"]:
+            if m["role"] != "user":
+                raise RecordError("placeholder_not_in_human_turn", "<image> must be in a human turn")
+            rest = m["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+            m["content"] = IMAGE_PLACEHOLDER + "\n" + rest
+    return messages
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+def tokenize_messages(
+    messages: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    template: str,
+    num_image_tokens: int,
+    max_length: int,
+) -> TokenizedSample:
+    """Render ``messages`` with a named template, tokenize, mask, expand ``<image>``, truncate.
+
+    Labels are ``IGNORE_INDEX`` everywhere except assistant tokens and their end-of-turn token.
+    Truncation cuts from the end and never through the image tokens.
+
+    Raises:
+        TemplateError: unknown template, or the template rejected the messages.
+        RecordError: ``too_long`` when nothing supervised survives truncation or the image tokens
+            alone do not fit.
+    """
+    if tokenizer.eos_token is None:
+        raise TemplateError("the tokenizer has no end-of-sequence token; set eos_token before tokenizing")
+    source = chat_template(template)
+    try:
+        out = tokenizer.apply_chat_template(
+            list(messages),
+            chat_template=source,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+    except Exception as e:  # jinja's raise_exception and rendering errors
+        raise TemplateError(f"template {template!r} cannot render these messages: {e}") from e
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    image_end = 0
+    for tok, m in zip(ids, mask):
+        if tok == image_id:
+            input_ids.extend([image_id] * num_image_tokens)
+            labels.extend([IGNORE_INDEX] * num_image_tokens)
+            image_end = len(input_ids)
+        else:
+            input_ids.append(tok)
+            labels.append(tok if m else IGNORE_INDEX)
+    if len(input_ids) > max_length:
+        if image_end > max_length:
+            raise RecordError("too_long", f"the image tokens end at {image_end}, past max_length {max_length}")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise RecordError("too_long", f"no assistant token is left within max_length {max_length}")
+    return TokenizedSample(input_ids, labels)
+
+
+def tokenize_record(
+    record: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, max_length: int
+) -> TokenizedSample:
+    """Tokenize one LLaVA record (``{id, image?, conversations}``).
+
+    Raises:
+        RecordError: the record is invalid or too long (see :func:`llava_turns_to_messages`).
+    """
+    has_image = bool(record.get("image"))
+    messages = llava_turns_to_messages(record.get("conversations"), has_image)
+    return tokenize_messages(messages, tokenizer, template, num_image_tokens, max_length)

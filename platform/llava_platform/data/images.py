@@ -1,0 +1,101 @@
+"""Image decoding and the geometric transforms LLaVA applies before the vision tower.
+
+Images are stored as uint8 HWC arrays after these steps (small, exact, cheap to move through Ray
+Data); the float normalisation (CLIP mean/std) happens in the training collate.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Literal, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from llava_platform.errors import RecordError
+
+AspectRatio = Literal["pad", "resize", "crop"]
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes into an RGB Pillow image, fully loaded.
+
+    Raises:
+        RecordError: ``zero_size_image``, ``image_too_large`` (pixel limit; decompression bombs) or
+            ``undecodable_image`` (not an image, truncated, corrupt).
+    """
+    if not data:
+        raise RecordError("zero_size_image", "the image file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w == 0 or h == 0:
+                raise RecordError("zero_size_image", f"image is {w}x{h}")
+            if w * h > max_pixels:
+                raise RecordError("image_too_large", f"{w}x{h} = {w * h} pixels, over the limit {max_pixels}")
+            img.load()
+    except RecordError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise RecordError("image_too_large", str(e)) from e
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for bad/truncated data
+        raise RecordError("undecodable_image", f"{type(e).__name__}: {e}") from e
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Normalise any Pillow mode to RGB: EXIF orientation applied, transparency composited over
+    ``background``, CMYK converted, 16/32-bit greyscale scaled to 8 bits."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0
+        scale = 255.0 / (65535.0 if img.mode.startswith("I;16") or hi > 255 else max(hi, 1.0))
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad the shorter side symmetrically with ``fill`` (LLaVA-1.5's ``expand2square``)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def prepare_image(img: Image.Image, size: int, aspect_ratio: AspectRatio, mean: Sequence[float]) -> np.ndarray:
+    """Square, resize to the vision tower's ``size`` (bicubic, as CLIP), return uint8 HWC.
+
+    ``pad`` fills with the processor's mean colour; ``crop`` takes the centre square; ``resize``
+    squashes the whole image.
+    """
+    if aspect_ratio == "pad":
+        img = expand_to_square(img, tuple(int(round(m * 255)) for m in mean))  # type: ignore[arg-type]
+    elif aspect_ratio == "crop":
+        img = ImageOps.fit(img, (min(img.size),) * 2, method=Image.Resampling.BICUBIC)
+    elif aspect_ratio != "resize":
+        raise ValueError(f"unknown image_aspect_ratio {aspect_ratio!r}; choose pad, resize or crop")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]):
+    """uint8 NHWC -> float32 NCHW tensor scaled to [0, 1] and standardised (what CLIP's processor does)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = (x - torch.tensor(mean).view(1, 1, 1, 3)) / torch.tensor(std).view(1, 1, 1, 3)
+    return x.permute(0, 3, 1, 2).contiguous()

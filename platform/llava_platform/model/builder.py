@@ -1,0 +1,429 @@
+"""Build a LLaVA model (HF ``LlavaForConditionalGeneration``) and its ``LlavaProcessor``.
+
+Three sources, one assembly path:
+
+- :func:`compose`: a CLIP vision tower + a causal LM (llama family) + a new projector. This is how
+  ``openai/clip-vit-large-patch14-336`` + ``lmsys/vicuna-7b-v1.5`` become LLaVA-1.5 before stage 1.
+- :func:`load_checkpoint`: an existing LLaVA checkpoint in HF format (``llava-hf/llava-1.5-7b-hf`` or an
+  export of this platform), from a local path or ``s3://``.
+- :func:`build_preset`: ``tiny`` / ``small`` models built from config (random init) with a byte-level
+  BPE tokenizer trained locally on the synthetic world; tests and the demo use them, and they take
+  exactly the same assembly, save and load path as a 7B model.
+
+The projector is HF's ``LlavaMultiModalProjector`` (linear -> act -> linear). ``mlp2x_gelu`` is that
+module with GELU. ``linear`` (LLaVA-1.0) uses the identity activation and starts with ``linear_2``
+set to the identity, so it begins as a single linear map and stays linear while training (a product of
+linear maps is linear); plain ``transformers`` loads either without custom code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from llava_platform import storage
+from llava_platform.config.schema import ModelSpec, StorageConfig
+from llava_platform.data import synthetic
+from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_template
+from llava_platform.errors import ModelBuildError
+from llava_platform.model.tokenizer import PAD, train_bpe_tokenizer
+
+log = logging.getLogger(__name__)
+
+# CLIP's pixel statistics (OpenAI CLIP), used when a vision tower ships no preprocessor config.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of a preset model. ``image_size`` / ``patch_size`` fix the number of image tokens."""
+
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    vocab_size: int
+    corpus_scenes: int
+
+
+PRESETS: dict[str, Preset] = {
+    # Tests: builds in about a second; 16 image tokens.
+    "tiny": Preset(32, 8, 32, 2, 2, 64, 2, 4, 512, 200),
+    # Demo: a few million parameters; 64 image tokens, enough resolution for a 3x3 layout of shapes.
+    "small": Preset(64, 8, 128, 4, 4, 256, 4, 4, 2048, 2000),
+}
+
+
+def build_model(spec: ModelSpec, storage_config: StorageConfig | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build or load the model described by ``spec``.
+
+    Raises:
+        ModelBuildError: the source cannot be loaded or its parts do not fit together.
+    """
+    if spec.preset is not None:
+        return build_preset(spec.preset, seed=spec.seed, projector_type=spec.projector_type,
+                            vision_feature_layer=spec.vision_feature_layer,
+                            vision_feature_select_strategy=spec.vision_feature_select_strategy)
+    if spec.checkpoint is not None:
+        return load_checkpoint(spec.checkpoint, storage_config, dtype=spec.dtype, attn_implementation=spec.attn_implementation)
+    return compose(spec, storage_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+
+def build_preset(
+    name: str,
+    seed: int = 0,
+    projector_type: str = "mlp2x_gelu",
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised preset model with a tokenizer trained on the synthetic corpus.
+
+    Raises:
+        ModelBuildError: unknown preset name.
+    """
+    if name not in PRESETS:
+        raise ModelBuildError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    tokenizer = train_bpe_tokenizer(synthetic.corpus(seed=seed, n_scenes=p.corpus_scenes), p.vocab_size)
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=p.vision_hidden,
+        intermediate_size=4 * p.vision_hidden,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        image_size=p.image_size,
+        patch_size=p.patch_size,
+        projection_dim=p.vision_hidden,
+    )
+    text_cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=p.text_hidden,
+        intermediate_size=int(p.text_hidden * 8 / 3),
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    vision = CLIPVisionModel(vision_cfg)
+    llm = LlamaForCausalLM(text_cfg)
+    image_processor = default_image_processor(p.image_size)
+    spec = ModelSpec(preset=name, seed=seed, projector_type=projector_type,  # type: ignore[arg-type]
+                     vision_feature_layer=vision_feature_layer,
+                     vision_feature_select_strategy=vision_feature_select_strategy)  # type: ignore[arg-type]
+    return assemble(vision, llm, tokenizer, image_processor, spec)
+
+
+def compose(spec: ModelSpec, storage_config: StorageConfig | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A new LLaVA from a CLIP vision tower and a causal LM, each a hub id, local path or s3:// URI.
+
+    Raises:
+        ModelBuildError: a component cannot be loaded or does not fit.
+    """
+    assert spec.vision_tower is not None and spec.llm is not None  # guaranteed by ModelSpec
+    dtype = _DTYPES[spec.dtype]
+    vision_src = _resolve(spec.vision_tower, storage_config)
+    llm_src = _resolve(spec.llm, storage_config)
+    tok_src = _resolve(spec.tokenizer, storage_config) if spec.tokenizer else llm_src
+    try:
+        vision = CLIPVisionModel.from_pretrained(vision_src, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelBuildError(f"cannot load a CLIP vision tower from {spec.vision_tower!r}: {e}") from e
+    try:
+        image_processor = CLIPImageProcessorPil.from_pretrained(vision_src)
+    except OSError:
+        log.warning("no preprocessor config beside %s; using CLIP's defaults", spec.vision_tower)
+        image_processor = default_image_processor(vision.config.image_size)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(llm_src, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelBuildError(f"cannot load a causal language model from {spec.llm!r}: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    except (OSError, ValueError) as e:
+        raise ModelBuildError(f"cannot load a tokenizer from {spec.tokenizer or spec.llm!r}: {e}") from e
+    torch.manual_seed(spec.seed)
+    return assemble(vision, llm, tokenizer, image_processor, spec)
+
+
+def load_checkpoint(
+    uri: str,
+    storage_config: StorageConfig | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load a LLaVA checkpoint in HF format (llava-hf, or an export of this platform).
+
+    Raises:
+        ModelBuildError: nothing loadable at ``uri``.
+    """
+    src = _resolve(uri, storage_config)
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
+        processor = AutoProcessor.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ModelBuildError(f"cannot load a LLaVA checkpoint from {uri!r}: {e}") from e
+    if not isinstance(processor, LlavaProcessor):
+        raise ModelBuildError(f"{uri!r} holds a {type(processor).__name__}, not a LlavaProcessor")
+    if processor.tokenizer.eos_token is None:
+        raise ModelBuildError(f"the tokenizer in {uri!r} has no end-of-sequence token")
+    return model, processor
+
+
+def _resolve(uri: str, storage_config: StorageConfig | None) -> str:
+    """A local directory for s3:// URIs (downloaded); local paths and hub ids pass through."""
+    if storage.is_remote(uri):
+        try:
+            return storage.local_dir(uri, storage_config)
+        except FileNotFoundError as e:
+            raise ModelBuildError(f"nothing found at {uri}") from e
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly
+# ---------------------------------------------------------------------------------------------
+
+
+def default_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """CLIP's preprocessing at ``image_size`` (resize shortest edge, centre crop, CLIP mean/std)."""
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+def num_image_tokens(config: LlavaConfig) -> int:
+    """Image features per image = ``<image>`` tokens in the expanded prompt."""
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def assemble(
+    vision: CLIPVisionModel,
+    llm: PreTrainedModel,
+    tokenizer: Any,
+    image_processor: Any,
+    spec: ModelSpec,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Put a vision tower, a causal LM and a new projector into one ``LlavaForConditionalGeneration``.
+
+    Adds ``<image>`` and a pad token to the tokenizer when missing and resizes the embeddings; sets
+    ``image_token_id``, patch size and the image-token count consistently in config and processor.
+
+    Raises:
+        ModelBuildError: the parts do not fit together.
+    """
+    vcfg = vision.config
+    if vcfg.image_size % vcfg.patch_size:
+        raise ModelBuildError(
+            f"vision tower image_size {vcfg.image_size} is not a multiple of its patch_size {vcfg.patch_size}"
+        )
+    if tokenizer.eos_token is None:
+        raise ModelBuildError("the tokenizer has no end-of-sequence token (eos_token); LLaVA turns end with it")
+    if not hasattr(llm, "model") or not hasattr(llm, "lm_head"):
+        raise ModelBuildError(
+            f"{type(llm).__name__} is not a decoder with `.model` and `.lm_head` (llama family expected)"
+        )
+    if not -vcfg.num_hidden_layers - 1 <= spec.vision_feature_layer <= vcfg.num_hidden_layers:
+        raise ModelBuildError(
+            f"vision_feature_layer {spec.vision_feature_layer} is outside the tower's {vcfg.num_hidden_layers} layers"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+
+    config = LlavaConfig(
+        vision_config=vcfg.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu" if spec.projector_type == "mlp2x_gelu" else "linear",
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=getattr(llm.config, "tie_word_embeddings", False),
+    )
+    config.image_seq_length = num_image_tokens(config)
+    # Build the shell on the meta device (no memory for a second copy of a 7B model), then move the
+    # loaded towers in and give only the projector real, freshly initialised weights.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    dtype = next(llm.parameters()).dtype
+    projector = LlavaMultiModalProjector(config)
+    if spec.projector_type == "linear":
+        with torch.no_grad():
+            projector.linear_2.weight.copy_(torch.eye(projector.linear_2.out_features))
+            projector.linear_2.bias.zero_()
+    model.model.multi_modal_projector = projector.to(dtype)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ModelBuildError(f"internal: tensors left uninitialised after assembly: {leftover[:5]}")
+    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    for gen_cfg in (model.generation_config,):
+        gen_cfg.bos_token_id = tokenizer.bos_token_id
+        gen_cfg.eos_token_id = tokenizer.eos_token_id
+        gen_cfg.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vcfg.patch_size,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=chat_template("llava_v1"),
+    )
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing per stage
+# ---------------------------------------------------------------------------------------------
+
+COMPONENTS = {
+    "vision_tower": ("model.vision_tower.",),
+    "projector": ("model.multi_modal_projector.",),
+    "language_model": ("model.language_model.", "lm_head."),
+}
+
+
+def component_of(param_name: str) -> str:
+    for comp, prefixes in COMPONENTS.items():
+        if param_name.startswith(prefixes):
+            return comp
+    raise ModelBuildError(f"parameter {param_name} belongs to no known LLaVA component")
+
+
+def apply_stage(model: torch.nn.Module, stage: str, unfreeze_vision_tower: bool = False) -> dict[str, int]:
+    """Set ``requires_grad`` for a LLaVA stage and report parameter counts.
+
+    ``pretrain`` (stage 1, feature alignment) trains only the projector. ``finetune`` (stage 2, visual
+    instruction tuning) trains projector + language model; the vision tower stays frozen unless
+    ``unfreeze_vision_tower``.
+
+    Returns:
+        ``{"<component>_trainable": n, ..., "trainable": n, "total": n}``.
+
+    Raises:
+        ValueError: unknown stage.
+    """
+    if stage not in ("pretrain", "finetune"):
+        raise ValueError(f"unknown stage {stage!r}; choose pretrain or finetune")
+    train = {"projector"}
+    if stage == "finetune":
+        train.add("language_model")
+        if unfreeze_vision_tower:
+            train.add("vision_tower")
+    counts = {f"{c}_trainable": 0 for c in COMPONENTS}
+    total = 0
+    for name, param in model.named_parameters():
+        comp = component_of(name)
+        param.requires_grad_(comp in train)
+        total += param.numel()
+        if param.requires_grad:
+            counts[f"{comp}_trainable"] += param.numel()
+    counts["trainable"] = sum(counts.values())
+    counts["total"] = total
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+# ---------------------------------------------------------------------------------------------
+
+
+def save_model(model: PreTrainedModel, processor: LlavaProcessor, uri: str,
+               storage_config: StorageConfig | None = None) -> str:
+    """Write ``save_pretrained`` output of model + processor to a local path or s3:// URI."""
+    if not storage.is_remote(uri):
+        path = storage.strip_scheme(uri)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        return path
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        storage.upload_dir(tmp, uri, storage_config)
+    return uri
+
+
+def describe(model: LlavaForConditionalGeneration) -> dict[str, Any]:
+    """Parameter counts per component and the facts that fix the image-token layout."""
+    counts: dict[str, int] = {c: 0 for c in COMPONENTS}
+    for name, p in model.named_parameters():
+        counts[component_of(name)] += p.numel()
+    v = model.config.vision_config
+    return {
+        "params": counts,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "image_tokens": num_image_tokens(model.config),
+        "vocab_size": model.get_input_embeddings().weight.shape[0],
+    }
+
+
+__all__ = [
+    "PRESETS",
+    "apply_stage",
+    "assemble",
+    "build_model",
+    "build_preset",
+    "compose",
+    "default_image_processor",
+    "describe",
+    "load_checkpoint",
+    "num_image_tokens",
+    "save_model",
+]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,205 @@
+"""The one place that turns a URI into a filesystem.
+
+Local paths (``/data/x``, ``file:///data/x``, relative paths) and ``s3://bucket/key`` are supported.
+S3 settings come from :class:`StorageConfig`, else from the standard AWS environment variables,
+else from botocore's credential chain (shared profiles, container and instance roles). Everything
+else in the platform (data pipeline, checkpoints, model export, serving) goes through here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
+
+from llava_platform.config.schema import StorageConfig
+from llava_platform.errors import StorageError
+
+_SUPPORTED = ("", "file", "s3")
+
+
+def scheme(uri: str) -> str:
+    """``"s3"`` for ``s3://...``, ``"file"`` for local paths and ``file://`` URIs.
+
+    Raises:
+        StorageError: an unsupported scheme (``gs://``, ``http://``...).
+    """
+    s = urlparse(str(uri)).scheme.lower()
+    if len(s) == 1:  # a Windows drive letter, not a scheme
+        s = ""
+    if s not in _SUPPORTED:
+        raise StorageError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/key")
+    return s or "file"
+
+
+def is_remote(uri: str) -> bool:
+    return scheme(uri) == "s3"
+
+
+def strip_scheme(uri: str) -> str:
+    """``bucket/key`` for ``s3://bucket/key``; an absolute local path for local URIs."""
+    if is_remote(uri):
+        return str(uri)[len("s3://") :].rstrip("/")
+    path = str(uri)[len("file://") :] if str(uri).startswith("file://") else str(uri)
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (local paths keep the OS separator)."""
+    if is_remote(uri):
+        return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(uri, *parts)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Resolved S3 connection settings (secrets kept out of ``repr``)."""
+
+    endpoint_url: str | None
+    region: str | None
+    key: str | None
+    secret: str | None
+    token: str | None
+    anon: bool
+
+    def __repr__(self) -> str:
+        return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, anon={self.anon})"
+
+
+def resolve_s3(config: StorageConfig | None = None) -> S3Settings:
+    """Resolve S3 settings: config first, then the AWS environment, then botocore's chain.
+
+    Raises:
+        StorageError: no credentials could be found and ``anon`` is not set.
+    """
+    cfg = config or StorageConfig()
+    env = os.environ
+    endpoint = cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region = cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if cfg.anon:
+        return S3Settings(endpoint, region, None, None, None, True)
+    key = cfg.access_key_id or env.get("AWS_ACCESS_KEY_ID")
+    secret = cfg.secret_access_key.get_secret_value() if cfg.secret_access_key else env.get("AWS_SECRET_ACCESS_KEY")
+    token = cfg.session_token.get_secret_value() if cfg.session_token else env.get("AWS_SESSION_TOKEN")
+    if bool(key) != bool(secret):
+        raise StorageError(
+            "S3 credentials are incomplete: give both an access key id and a secret access key"
+            " (storage.access_key_id/secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        )
+    if not key:
+        # Profiles, SSO, container and instance roles: let botocore find them.
+        import botocore.session
+
+        creds = botocore.session.get_session().get_credentials()
+        if creds is None:
+            raise StorageError(
+                "no S3 credentials found: set storage.access_key_id and storage.secret_access_key in the"
+                " config, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an AWS profile/instance role);"
+                " for a public bucket set storage.anon: true"
+            )
+        frozen = creds.get_frozen_credentials()
+        key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+        region = region or botocore.session.get_session().get_config_variable("region")
+    return S3Settings(endpoint, region, key, secret, token, False)
+
+
+def filesystem(uri: str, config: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem for ``uri`` and the path within it.
+
+    Raises:
+        StorageError: unsupported scheme or missing S3 credentials.
+    """
+    if not is_remote(uri):
+        return LocalFileSystem(auto_mkdir=True), strip_scheme(uri)
+    s3 = resolve_s3(config)
+    import s3fs
+
+    client_kwargs = {"region_name": s3.region} if s3.region else {}
+    fs = s3fs.S3FileSystem(
+        anon=s3.anon,
+        key=s3.key,
+        secret=s3.secret,
+        token=s3.token,
+        endpoint_url=s3.endpoint_url,
+        client_kwargs=client_kwargs,
+        skip_instance_cache=True,
+    )
+    return fs, strip_scheme(uri)
+
+
+def arrow_filesystem(uri: str, config: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for ``uri`` and the path within it (bucket/key, no ``s3://``), as
+    Ray Data and Ray Train's ``storage_filesystem`` take it."""
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), strip_scheme(uri)
+    s3 = resolve_s3(config)
+    kwargs: dict = {"anonymous": s3.anon, "region": s3.region or "us-east-1"}
+    if not s3.anon:
+        kwargs.update(access_key=s3.key, secret_key=s3.secret, session_token=s3.token)
+    if s3.endpoint_url:
+        parsed = urlparse(s3.endpoint_url)
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+        # S3-compatible servers rarely support virtual-host addressing.
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
+
+
+def exists(uri: str, config: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, config)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, config: StorageConfig | None = None) -> bytes:
+    """Read a whole object.
+
+    Raises:
+        FileNotFoundError: the object does not exist.
+    """
+    fs, path = filesystem(uri, config)
+    return fs.cat_file(path)
+
+
+def write_bytes(uri: str, data: bytes, config: StorageConfig | None = None) -> None:
+    fs, path = filesystem(uri, config)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def upload_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = None) -> None:
+    """Copy a local directory tree to ``uri`` (a local copy when ``uri`` is local)."""
+    fs, path = filesystem(uri, config)
+    if not is_remote(uri):
+        if os.path.abspath(local_dir) != path:
+            shutil.copytree(local_dir, path, dirs_exist_ok=True)
+        return
+    fs.put(str(local_dir).rstrip("/") + "/", path, recursive=True)
+
+
+def local_dir(uri: str, config: StorageConfig | None = None, cache_root: str | Path | None = None) -> str:
+    """A local directory holding the tree at ``uri``: the path itself when local, else a download
+    into a cache keyed by the URI (``$LLAVA_PLATFORM_CACHE`` or ``~/.cache/llava_platform``).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+    """
+    if not is_remote(uri):
+        path = strip_scheme(uri)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{uri} does not exist")
+        return path
+    fs, path = filesystem(uri, config)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri} does not exist")
+    root = Path(cache_root or os.environ.get("LLAVA_PLATFORM_CACHE") or Path.home() / ".cache" / "llava_platform")
+    target = root / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+    return str(target)
