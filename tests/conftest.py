@@ -1,0 +1,133 @@
+"""Session-wide fixtures: a real S3-compatible server on loopback (moto's server mode, a separate
+process speaking HTTP) and a small synthetic dataset.
+
+Nothing here talks to any address but 127.0.0.1; instance-metadata lookups are disabled so that a
+missing credential never makes botocore probe the network.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    access_key_id: str = "testing-key"
+    secret_access_key: str = "testing-secret"
+    region: str = "us-east-1"
+
+    def storage_config(self):
+        from llava_platform.config.schema import StorageConfig
+
+        return StorageConfig(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+        )
+
+    def new_bucket(self) -> str:
+        import boto3
+
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+        ).create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """moto's S3 server in its own process on a free loopback port, for the whole session."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {proc.returncode}; see {log.name}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start within 60 s")
+    yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> S3Server:
+    """The moto server's endpoint and credentials in the standard AWS environment variables."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_access_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_REGION", s3_server.region)
+    return s3_server
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path):
+    """An environment where botocore can find no credentials at all."""
+    for var in list(os.environ):
+        if var.startswith("AWS_") and var != "AWS_EC2_METADATA_DISABLED":
+            monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic world shared by the session (read-only by convention)."""
+    from llava_platform.data.synthetic import write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(out, n=40, seed=3, n_eval=10)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny preset's tokenizer (do not mutate)."""
+    from llava_platform.model.builder import build_preset
+
+    return build_preset("tiny")[1].tokenizer

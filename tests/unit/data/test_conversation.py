@@ -1,0 +1,199 @@
+"""Loss masks from the chat templates, checked against hand-written expectations.
+
+Each expectation is written as text: the whole rendered prompt, and the exact text that carries loss.
+Token-level checks then assert that the labels are -100 everywhere except those tokens.
+"""
+
+import pytest
+
+from llava_platform.data.conversation import (
+    IGNORE_INDEX,
+    chat_template,
+    llava_turns_to_messages,
+    tokenize_messages,
+    tokenize_record,
+)
+from llava_platform.errors import RecordError, TemplateError
+
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful,"
+    " detailed, and polite answers to the human's questions."
+)
+N_IMG = 4  # image tokens per image in these tests
+
+
+def h(v):
+    return {"from": "human", "value": v}
+
+
+def g(v):
+    return {"from": "gpt", "value": v}
+
+
+def supervised_text(tok, sample):
+    """The text of the labelled tokens, with a '|' between separate labelled spans."""
+    spans, cur = [], []
+    for i, lab in zip(sample.input_ids, sample.labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return "|".join(tok.decode(s) for s in spans)
+
+
+def full_text(tok, sample):
+    return tok.decode(sample.input_ids)
+
+
+def image_run(tok, sample):
+    """(start, length) of the <image> run."""
+    img = tok.convert_tokens_to_ids("<image>")
+    idx = [k for k, t in enumerate(sample.input_ids) if t == img]
+    return (idx[0], len(idx)) if idx else (None, 0)
+
+
+def test_plain_masks_only_caption_and_separator(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rec = {"id": "1", "image": "x.png", "conversations": [h("<image>\nDescribe the image concisely."), g("A red circle.")]}
+    s = tokenize_record(rec, tok, "plain", N_IMG, 512)
+    assert full_text(tok, s) == "<s>" + "<image>" * N_IMG + "A red circle.\n"
+    assert supervised_text(tok, s) == "A red circle.\n"
+    assert s.labels[: 1 + N_IMG] == [IGNORE_INDEX] * (1 + N_IMG)
+    assert image_run(tok, s) == (1, N_IMG)
+
+
+def test_llava_v1_single_turn(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rec = {"id": "1", "image": "x.png", "conversations": [h("<image>\nWhat colour is the circle?"), g("red")]}
+    s = tokenize_record(rec, tok, "llava_v1", N_IMG, 512)
+    assert full_text(tok, s) == (
+        f"<s>{SYSTEM} USER: " + "<image>" * N_IMG + "\nWhat colour is the circle? ASSISTANT: red</s>"
+    )
+    assert supervised_text(tok, s) == " red</s>"
+    assert s.input_ids[-1] == tok.eos_token_id and s.labels[-1] == tok.eos_token_id
+
+
+def test_image_at_end_of_turn_is_moved_to_start(tiny_tokenizer):
+    tok = tiny_tokenizer
+    start = {"id": "a", "image": "x.png", "conversations": [h("<image>\nHow many shapes?"), g("2")]}
+    end = {"id": "b", "image": "x.png", "conversations": [h("How many shapes?\n<image>"), g("2")]}
+    a = tokenize_record(start, tok, "llava_v1", N_IMG, 512)
+    b = tokenize_record(end, tok, "llava_v1", N_IMG, 512)
+    assert a.input_ids == b.input_ids and a.labels == b.labels
+
+
+def test_llava_v1_multi_turn_masks_each_answer(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rec = {"id": "1", "image": "x.png", "conversations": [
+        h("<image>\nWhat shape is it?"), g("A star."), h("And its colour?"), g("It is blue.")]}
+    s = tokenize_record(rec, tok, "llava_v1", N_IMG, 512)
+    assert full_text(tok, s) == (
+        f"<s>{SYSTEM} USER: " + "<image>" * N_IMG
+        + "\nWhat shape is it? ASSISTANT: A star.</s>USER: And its colour? ASSISTANT: It is blue.</s>"
+    )
+    assert supervised_text(tok, s) == " A star.</s>| It is blue.</s>"
+
+
+def test_text_only_sample(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rec = {"id": "t", "conversations": [h("How many corners does a triangle have?"), g("Three.")]}
+    s = tokenize_record(rec, tok, "llava_v1", N_IMG, 512)
+    assert image_run(tok, s) == (None, 0)
+    assert full_text(tok, s) == f"<s>{SYSTEM} USER: How many corners does a triangle have? ASSISTANT: Three.</s>"
+    assert supervised_text(tok, s) == " Three.</s>"
+
+
+def test_system_turn_replaces_default_prompt(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rec = {"id": "s", "conversations": [{"from": "system", "value": "Be brief."}, h("Hi"), g("Hello.")]}
+    s = tokenize_record(rec, tok, "llava_v1", N_IMG, 512)
+    assert full_text(tok, s) == "<s>Be brief. USER: Hi ASSISTANT: Hello.</s>"
+    assert supervised_text(tok, s) == " Hello.</s>"
+
+
+def test_truncation_keeps_image_and_cuts_the_end(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rec = {"id": "1", "image": "x.png", "conversations": [
+        h("<image>\nWhat shape is it?"), g("A star."), h("And its colour?"), g("It is blue, a deep and bright blue.")]}
+    full = tokenize_record(rec, tok, "llava_v1", N_IMG, 4096)
+    cut_at = full.length - 3
+    s = tokenize_record(rec, tok, "llava_v1", N_IMG, cut_at)
+    assert s.length == cut_at
+    assert s.input_ids == full.input_ids[:cut_at] and s.labels == full.labels[:cut_at]
+    assert image_run(tok, s) == image_run(tok, full)
+
+
+def test_truncation_never_cuts_through_image_tokens(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rec = {"id": "1", "image": "x.png", "conversations": [h("<image>\nWhat shape is it?"), g("A star.")]}
+    start, n = image_run(tok, tokenize_record(rec, tok, "llava_v1", 64, 4096))
+    with pytest.raises(RecordError) as e:
+        tokenize_record(rec, tok, "llava_v1", 64, start + n - 1)
+    assert e.value.reason == "too_long"
+
+
+def test_truncation_that_leaves_no_answer_is_too_long(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rec = {"id": "1", "image": "x.png", "conversations": [h("<image>\nWhat shape is it?"), g("A star.")]}
+    start, n = image_run(tok, tokenize_record(rec, tok, "llava_v1", N_IMG, 4096))
+    with pytest.raises(RecordError, match="no assistant token") as e:
+        tokenize_record(rec, tok, "llava_v1", N_IMG, start + n + 2)
+    assert e.value.reason == "too_long"
+
+
+@pytest.mark.parametrize(
+    "conversations, has_image, reason",
+    [
+        ([], False, "empty_conversation"),
+        (None, False, "empty_conversation"),
+        ([g("hi"), h("x")], False, "first_turn_not_human"),
+        ([h("only a question")], False, "no_assistant_turn"),
+        ([h("q"), g(3)], False, "non_string_text"),
+        ([h("q"), {"from": "robot", "value": "x"}], False, "unknown_role"),
+        ([h("q"), {"value": "x"}], False, "malformed_turn"),
+        ([h("q"), h("q2"), g("a")], False, "roles_not_alternating"),
+        ([h("no placeholder"), g("a")], True, "image_without_placeholder"),
+        ([h("<image>\n<image> two"), g("a")], True, "multiple_image_placeholders"),
+        ([h("<image>\nq"), g("a")], False, "placeholder_without_image"),
+        ([h("q"), g("<image> in an answer")], True, "placeholder_not_in_human_turn"),
+    ],
+)
+def test_invalid_conversations_have_a_reason(conversations, has_image, reason):
+    with pytest.raises(RecordError) as e:
+        llava_turns_to_messages(conversations, has_image)
+    assert e.value.reason == reason
+
+
+def test_unknown_template():
+    with pytest.raises(TemplateError, match="unknown conversation template 'vicuna_v0'.*plain, llava_v1"):
+        chat_template("vicuna_v0")
+
+
+def test_tokenizer_without_eos(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.eos_token = None
+    with pytest.raises(TemplateError, match="no end-of-sequence token"):
+        tokenize_messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                          tok, "llava_v1", N_IMG, 64)
+
+
+def test_template_rejects_unknown_role_in_messages(tiny_tokenizer):
+    with pytest.raises(TemplateError, match="unknown role tool"):
+        tokenize_messages([{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}],
+                          tiny_tokenizer, "llava_v1", N_IMG, 64)
+
+
+def test_content_parts_render_like_placeholders(tiny_tokenizer):
+    tok = tiny_tokenizer
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    src = chat_template("llava_v1")
+    a = tok.apply_chat_template(parts, chat_template=src, tokenize=False, add_generation_prompt=True)
+    b = tok.apply_chat_template(text, chat_template=src, tokenize=False, add_generation_prompt=True)
+    assert a == b == f"<s>{SYSTEM} USER: <image>\nWhat is it? ASSISTANT:"

@@ -1,0 +1,110 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_platform.data.images import decode, expand_to_square, normalize, prepare_image, to_rgb
+from llava_platform.errors import RecordError
+from llava_platform.model.builder import CLIP_MEAN, CLIP_STD, default_image_processor
+
+
+def png(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_rgba_composited_over_background():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    img.putpixel((0, 0), (0, 0, 255, 255))
+    out = to_rgb(img, background=(10, 20, 30))
+    assert out.mode == "RGB" and out.getpixel((1, 1)) == (10, 20, 30) and out.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_la_and_palette_with_transparency():
+    la = Image.new("LA", (2, 2), (200, 0))
+    assert to_rgb(la).getpixel((0, 0)) == (255, 255, 255)
+    p = Image.new("P", (2, 2), 1)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.info["transparency"] = 1
+    assert to_rgb(p).getpixel((0, 0)) == (255, 255, 255)
+    p2 = Image.new("P", (2, 2), 1)
+    p2.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    assert to_rgb(p2).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_cmyk_greyscale_and_16_bit():
+    assert to_rgb(Image.new("CMYK", (2, 2), (0, 255, 255, 0))).getpixel((0, 0)) == (255, 0, 0)
+    assert to_rgb(Image.new("L", (2, 2), 77)).getpixel((0, 0)) == (77, 77, 77)
+    i16 = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
+    assert to_rgb(i16).getpixel((0, 0)) == (255, 255, 255)
+    half = decode(png(Image.fromarray(np.full((2, 2), 32896, dtype=np.uint16))), 10**6)
+    assert half.mode == "RGB" and 127 <= half.getpixel((0, 0))[0] <= 129
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (4, 2), (0, 255, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    out = decode(png(img, fmt="JPEG", exif=exif.tobytes()), 10**6)
+    assert out.size == (2, 4)
+
+
+def test_pad_to_square_with_mean_colour():
+    img = Image.new("RGB", (8, 4), (255, 0, 0))
+    sq = expand_to_square(img, (1, 2, 3))
+    assert sq.size == (8, 8) and sq.getpixel((0, 0)) == (1, 2, 3) and sq.getpixel((0, 3)) == (255, 0, 0)
+    arr = prepare_image(img, 16, "pad", CLIP_MEAN)
+    assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
+    assert tuple(arr[0, 0]) == tuple(int(round(m * 255)) for m in CLIP_MEAN)
+
+
+def test_crop_and_resize_modes():
+    img = Image.new("RGB", (20, 10), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 5, 10))  # red band on the left quarter
+    crop = prepare_image(img, 10, "crop", CLIP_MEAN)
+    squash = prepare_image(img, 10, "resize", CLIP_MEAN)
+    assert crop.shape == squash.shape == (10, 10, 3)
+    assert crop[5, 0, 0] < 50  # the centre crop loses the red band
+    assert squash[5, 0, 0] > 200  # squashing keeps it
+    with pytest.raises(ValueError, match="unknown image_aspect_ratio"):
+        prepare_image(img, 10, "stretch", CLIP_MEAN)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "zero_size_image"),
+        (b"this is not an image", "undecodable_image"),
+    ],
+)
+def test_decode_errors(data, reason):
+    with pytest.raises(RecordError) as e:
+        decode(data, 10**6)
+    assert e.value.reason == reason
+
+
+def test_truncated_image():
+    data = png(Image.effect_noise((64, 64), 50).convert("RGB"))
+    with pytest.raises(RecordError) as e:
+        decode(data[: len(data) // 2], 10**6)
+    assert e.value.reason == "undecodable_image"
+
+
+def test_pixel_limit_guards_decompression_bombs():
+    data = png(Image.new("RGB", (300, 300)))
+    with pytest.raises(RecordError) as e:
+        decode(data, max_pixels=300 * 300 - 1)
+    assert e.value.reason == "image_too_large"
+    assert decode(data, max_pixels=300 * 300).size == (300, 300)
+
+
+def test_normalize_matches_clip_processor():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    ours = normalize(arr, CLIP_MEAN, CLIP_STD)
+    ref = default_image_processor(32)([Image.fromarray(a) for a in arr], return_tensors="pt")["pixel_values"]
+    assert ours.shape == ref.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,251 @@
+"""The model builder on tiny components: the same code path that turns CLIP ViT-L/14-336 + Vicuna-7B
+into LLaVA-1.5, exercised with models built from config and saved locally or to S3."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from llava_platform import storage
+from llava_platform.config.schema import ModelSpec
+from llava_platform.data.sample import LlavaCollator, SampleSpec, encode_record
+from llava_platform.errors import ModelBuildError
+from llava_platform.model.builder import (
+    apply_stage,
+    build_model,
+    build_preset,
+    compose,
+    default_image_processor,
+    describe,
+    load_checkpoint,
+    num_image_tokens,
+    save_model,
+)
+from llava_platform.train.step import optimizer_step, trainable_parameters
+
+
+def vicuna_like_tokenizer(eos=True) -> PreTrainedTokenizerFast:
+    """Like an LLM's own tokenizer: no pad token, no <image> token."""
+    specials = ["<unk>", "<s>"] + (["</s>"] if eos else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["a red circle", "USER: ASSISTANT: what colour"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    kw = {"eos_token": "</s>"} if eos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>", **kw)
+
+
+def save_components(root, image_size=32, patch_size=8, eos=True):
+    """A full CLIPModel checkpoint (text + vision, as openai/clip-* ships) and a llama LM + tokenizer."""
+    clip_dir, llm_dir = root / "clip", root / "llm"
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch_size),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(clip_dir)
+    default_image_processor(image_size).save_pretrained(clip_dir)
+    tok = vicuna_like_tokenizer(eos)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256))
+    llm.save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    return clip_dir, llm_dir
+
+
+def test_compose_from_local_components(tmp_path):
+    clip_dir, llm_dir = save_components(tmp_path)
+    model, processor = compose(ModelSpec(vision_tower=str(clip_dir), llm=str(llm_dir)))
+    tok = processor.tokenizer
+    # <image> and <pad> were added and the embeddings resized to match.
+    assert tok.pad_token == "<pad>" and model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) == model.config.text_config.vocab_size
+    assert processor.patch_size == 8 and processor.num_additional_image_tokens == 1
+    assert num_image_tokens(model.config) == 16 == model.config.image_seq_length
+    # The vision tower is the CLIP checkpoint's vision half, bit for bit.
+    clip = CLIPModel.from_pretrained(clip_dir)
+    tower = model.model.vision_tower.state_dict()
+    assert tower.keys() == clip.vision_model.state_dict().keys()
+    for k, v in clip.vision_model.state_dict().items():
+        assert torch.equal(tower[k], v), k
+    llm = LlamaForCausalLM.from_pretrained(llm_dir)
+    assert torch.equal(model.lm_head.weight[: llm.lm_head.weight.shape[0]], llm.lm_head.weight)
+    # The processor's <image> expansion matches the features: a pixel forward works.
+    from PIL import Image
+
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour"}]}],
+                                           add_generation_prompt=True)
+    inputs = processor(images=Image.new("RGB", (40, 30), (255, 0, 0)), text=prompt, return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 16
+    assert model(**inputs).logits.shape[-1] == len(tok)
+
+
+def test_linear_projector_starts_as_one_linear_map(tmp_path):
+    clip_dir, llm_dir = save_components(tmp_path)
+    model, _ = compose(ModelSpec(vision_tower=str(clip_dir), llm=str(llm_dir), projector_type="linear"))
+    proj = model.model.multi_modal_projector
+    assert model.config.projector_hidden_act == "linear"
+    x = torch.randn(3, proj.linear_1.in_features)
+    torch.testing.assert_close(proj(x), proj.linear_1(x))
+
+
+@pytest.mark.s3
+def test_compose_and_load_from_s3(tmp_path, s3_env):
+    clip_dir, llm_dir = save_components(tmp_path)
+    bucket = s3_env.new_bucket()
+    storage.upload_dir(clip_dir, f"s3://{bucket}/clip")
+    storage.upload_dir(llm_dir, f"s3://{bucket}/vicuna")
+    spec = ModelSpec(vision_tower=f"s3://{bucket}/clip", llm=f"s3://{bucket}/vicuna")
+    model, processor = build_model(spec)
+    save_model(model, processor, f"s3://{bucket}/llava-init")
+    again, proc2 = build_model(ModelSpec(checkpoint=f"s3://{bucket}/llava-init"))
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert proc2.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
+def test_image_size_must_be_a_multiple_of_patch_size(tmp_path):
+    clip_dir, llm_dir = save_components(tmp_path, image_size=30, patch_size=8)
+    with pytest.raises(ModelBuildError, match="image_size 30 is not a multiple of its patch_size 8"):
+        compose(ModelSpec(vision_tower=str(clip_dir), llm=str(llm_dir)))
+
+
+def test_tokenizer_without_eos(tmp_path):
+    clip_dir, llm_dir = save_components(tmp_path, eos=False)
+    with pytest.raises(ModelBuildError, match="no end-of-sequence token"):
+        compose(ModelSpec(vision_tower=str(clip_dir), llm=str(llm_dir)))
+
+
+def test_missing_components_are_clear(tmp_path):
+    clip_dir, llm_dir = save_components(tmp_path)
+    with pytest.raises(ModelBuildError, match="cannot load a CLIP vision tower from"):
+        compose(ModelSpec(vision_tower=str(tmp_path / "nope"), llm=str(llm_dir)))
+    with pytest.raises(ModelBuildError, match="cannot load a causal language model from"):
+        compose(ModelSpec(vision_tower=str(clip_dir), llm=str(tmp_path / "nope")))
+    with pytest.raises(ModelBuildError, match="cannot load a LLaVA checkpoint from"):
+        load_checkpoint(str(tmp_path / "nope"))
+
+
+def test_vision_feature_layer_out_of_range(tmp_path):
+    clip_dir, llm_dir = save_components(tmp_path)
+    with pytest.raises(ModelBuildError, match="vision_feature_layer -9 is outside"):
+        compose(ModelSpec(vision_tower=str(clip_dir), llm=str(llm_dir), vision_feature_layer=-9))
+
+
+def test_unknown_preset():
+    with pytest.raises(ModelBuildError, match="unknown model preset 'huge'"):
+        build_preset("huge")
+
+
+def test_presets_sizes():
+    tiny, _ = build_preset("tiny")
+    small, _ = build_preset("small")
+    assert sum(describe(tiny)["params"].values()) < 500_000
+    assert 2_000_000 < sum(describe(small)["params"].values()) < 10_000_000
+    assert describe(small)["image_tokens"] == 64
+
+
+def test_preset_is_deterministic():
+    a, pa = build_preset("tiny", seed=1)
+    b, pb = build_preset("tiny", seed=1)
+    assert pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_apply_stage_counts():
+    model, _ = build_preset("tiny")
+    d = describe(model)["params"]
+    c1 = apply_stage(model, "pretrain")
+    assert c1["trainable"] == c1["projector_trainable"] == d["projector"]
+    c2 = apply_stage(model, "finetune")
+    assert c2["trainable"] == d["projector"] + d["language_model"] and c2["vision_tower_trainable"] == 0
+    c3 = apply_stage(model, "finetune", unfreeze_vision_tower=True)
+    assert c3["trainable"] == c3["total"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        apply_stage(model, "stage3")
+
+
+@pytest.mark.parametrize(
+    "stage, fname, template, trained",
+    [
+        ("pretrain", "pretrain.json", "plain", {"model.multi_modal_projector."}),
+        ("finetune", "instruct.json", "llava_v1", {"model.multi_modal_projector.", "model.language_model.", "lm_head."}),
+    ],
+)
+def test_one_step_changes_exactly_the_stage_parameters(synth_dir, stage, fname, template, trained):
+    model, processor = build_preset("tiny", seed=0)
+    apply_stage(model, stage)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    spec = SampleSpec.from_processor(processor, model.config, template, max_length=256)
+    recs = json.loads((synth_dir / fname).read_text())[:4]
+    samples = [encode_record(r, (synth_dir / "images" / r["image"]).read_bytes(), processor.tokenizer, spec) for r in recs]
+    ip = processor.image_processor
+    batch = LlavaCollator(processor.tokenizer.pad_token_id, ip.image_mean, ip.image_std)(samples)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
+    loss = optimizer_step(model, batch, opt)
+    assert torch.isfinite(torch.tensor(loss)) and loss > 0
+    for name, p in model.named_parameters():
+        should_train = name.startswith(tuple(trained))
+        if should_train:
+            assert not torch.equal(p, before[name]), f"{name} should have changed in {stage}"
+        else:
+            assert torch.equal(p, before[name]), f"{name} must stay bitwise equal in {stage}"
+
+
+RELOAD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    path, image = sys.argv[1], sys.argv[2]
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    print(json.dumps(out[0].tolist()))
+    """
+)
+
+
+def generate_tokens(model, processor, image_path):
+    from PIL import Image
+
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = processor(images=Image.open(image_path), text=prompt, return_tensors="pt")
+    return model.generate(**inputs, max_new_tokens=12, do_sample=False)[0].tolist()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_saved_model_reloads_in_plain_transformers_in_another_process(tmp_path, synth_dir, preset):
+    model, processor = build_preset(preset, seed=2)
+    model.eval()
+    image = next((synth_dir / "images").iterdir())
+    expected = generate_tokens(model, processor, image)
+    save_model(model, processor, str(tmp_path / "m"))
+    script = tmp_path / "reload.py"
+    script.write_text(RELOAD)
+    # A fresh interpreter that imports only transformers, not llava_platform.
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "m"), str(image)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == expected

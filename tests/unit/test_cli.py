@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+
+from llava_platform.cli import main
+
+
+def test_synth_and_build(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "5", "--n-eval", "2", "--seed", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pretrain_records"] == 5 and (tmp_path / "d" / "eval" / "questions.jsonl").exists()
+    assert main(["model", "build", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["image_tokens"] == 16
+    from transformers import AutoModelForImageTextToText
+
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "m").config.image_token_id == 4
+
+
+def test_user_errors_exit_2_with_one_message(tmp_path, capsys):
+    assert main(["model", "build", "--preset", "huge", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llava-platform: error: invalid config") and "'tiny' or 'small'" in err
+    assert "Traceback" not in err
+    assert main(["model", "build", "--vision-tower", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert "needs both `vision_tower` and `llm`" in capsys.readouterr().err
+    assert main(["model", "build", "--checkpoint", str(tmp_path / "absent"), "--out", str(tmp_path / "m")]) == 2
+    assert "cannot load a LLaVA checkpoint" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('llava-platform') or '')"],
+                         capture_output=True, text=True).stdout.strip()
+    assert exe, "the llava-platform console script is not on PATH"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "data" in out.stdout and "model" in out.stdout
