@@ -131,3 +131,34 @@ def tiny_tokenizer():
     from llava_platform.model.builder import build_preset
 
     return build_preset("tiny")[1].tokenizer
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session, started and stopped here only.
+
+    It is a ``ray.cluster_utils.Cluster`` so that multi-node tests can add and remove nodes. Its
+    temp dir is private and short (Unix socket paths are limited to ~107 characters).
+    """
+    import shutil
+    import tempfile
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = temp_dir  # Ray writes its address file here, not in /tmp/ray
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "include_dashboard": False, "temp_dir": temp_dir},
+    )
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,6 +1,8 @@
 """The ``llava-platform`` command.
 
     llava-platform data synth --out data/synth --n 1000 --seed 0
+    llava-platform data prepare --data data/synth/instruct.json --image-root data/synth/images \
+        --preset tiny --stage finetune --out data/prepared/finetune
     llava-platform model build --preset tiny --out models/tiny
     llava-platform model build --vision-tower openai/clip-vit-large-patch14-336 --llm lmsys/vicuna-7b-v1.5 --out s3://bucket/llava-init
     llava-platform demo
@@ -28,6 +30,18 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--n-eval", type=int, default=None, help="held-out eval scenes (default max(20, n/10))")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     synth.set_defaults(func=_cmd_synth)
+    prep = dsub.add_parser("prepare", help="LLaVA JSON + images -> tokenized Parquet shards (Ray Data)",
+                           description="Flags are shorthands for config keys; --config and --set take the rest.")
+    prep.add_argument("--config", help="a preprocess YAML (jobs/configs/preprocess_*.yaml); flags override it")
+    prep.add_argument("--data", help="LLaVA JSON array or JSONL, local or s3:// (data.data_path)")
+    prep.add_argument("--image-root", help="folder the records' image paths are relative to (data.image_root)")
+    prep.add_argument("--model", help="model directory or s3:// URI whose tokenizer/image size to use (model.checkpoint)")
+    prep.add_argument("--preset", help="or a preset model: tiny or small (model.preset)")
+    prep.add_argument("--stage", help="pretrain (template plain) or finetune (template llava_v1)")
+    prep.add_argument("--out", help="output directory, local or s3:// (output_path)")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing output (overwrite)")
+    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
+    prep.set_defaults(func=_cmd_prepare)
 
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +67,28 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     summary = write_dataset(args.out, n=args.n, seed=args.seed, n_eval=args.n_eval)
     print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from llava_platform.config.loader import load_config
+    from llava_platform.config.schema import PreprocessJobConfig
+    from llava_platform.data.pipeline import run_prepare
+    from llava_platform.ray_utils import init_ray
+
+    flags = {
+        "data.data_path": args.data,
+        "data.image_root": args.image_root,
+        "model.checkpoint": args.model,
+        "model.preset": args.preset,
+        "stage": args.stage,
+        "output_path": args.out,
+        "overwrite": "true" if args.overwrite else None,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
+    cfg = load_config(args.config, PreprocessJobConfig, overrides)
+    init_ray()
+    run_prepare(cfg)
     return 0
 
 
@@ -99,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from llava_platform.ray_utils import set_accelerator_env
+
     args = build_parser().parse_args(argv)
+    set_accelerator_env()
     try:
         return args.func(args)
     except LlavaPlatformError as e:

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from llava_platform.cli import main
 
@@ -29,8 +30,8 @@ def test_user_errors_exit_2_with_one_message(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    exe = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('llava-platform') or '')"],
-                         capture_output=True, text=True).stdout.strip()
-    assert exe, "the llava-platform console script is not on PATH"
-    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    # pip puts console scripts beside the interpreter (the venv's bin/), activated or not.
+    exe = Path(sys.executable).parent / "llava-platform"
+    assert exe.is_file(), f"the llava-platform console script is not installed in {exe.parent}"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "data" in out.stdout and "model" in out.stdout

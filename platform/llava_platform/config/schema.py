@@ -232,8 +232,23 @@ class PreprocessJobConfig(StrictModel):
     # The model whose tokenizer and image size the records are prepared for.
     model: ModelSpec
     data: DataConfig
+    # Directory (local or s3://) for shards/, manifest.json and rejects.jsonl.
     output_path: str
-    rows_per_shard: int = Field(1024, gt=0)
+    # Replace an existing output instead of refusing to touch it.
+    overwrite: bool = False
+    # Parquet shard size (a shard is the unit a training worker streams): about `shard_mb` of
+    # images per file (~190 rows at 336 px), or exactly `rows_per_shard` rows when that is set.
+    shard_mb: int = Field(64, gt=0)
+    rows_per_shard: int | None = Field(None, gt=0)
+    # Records per map_batches call.
+    batch_size: int = Field(64, gt=0)
+    # Preprocessing actors; None: as many as fit in the cluster's CPUs after one read and one
+    # write task.
+    num_workers: int | None = Field(None, gt=0)
+    # CPUs reserved per actor, and per read/write task. Small read/write values keep those tasks
+    # schedulable while the actors hold the rest (else reads wait forever for a free CPU).
+    cpus_per_worker: float = Field(1.0, gt=0)
+    read_cpus: float = Field(0.25, gt=0)
     storage: StorageConfig = StorageConfig()
 
 

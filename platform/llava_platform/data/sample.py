@@ -58,10 +58,7 @@ def encode_record(record: dict[str, Any], image_bytes: bytes | None, tokenizer: 
         RecordError: the record or its image is invalid.
     """
     tokens = tokenize_record(record, tokenizer, spec.template, spec.num_image_tokens, spec.max_length)
-    image = None
-    if record.get("image"):
-        img = decode(image_bytes or b"", spec.max_image_pixels)
-        image = prepare_image(img, spec.image_size, spec.aspect_ratio, spec.image_mean)
+    image = encode_image(image_bytes or b"", spec) if record.get("image") else None
     return {
         "id": str(record.get("id")),
         "input_ids": tokens.input_ids,
@@ -72,17 +69,36 @@ def encode_record(record: dict[str, Any], image_bytes: bytes | None, tokenizer: 
     }
 
 
+def encode_image(image_bytes: bytes, spec: SampleSpec) -> np.ndarray:
+    """Decode, square and resize one image to uint8 HWC at the vision tower's size.
+
+    Raises:
+        RecordError: the bytes are empty, not an image, truncated, or over the pixel limit.
+    """
+    img = decode(image_bytes, spec.max_image_pixels)
+    return prepare_image(img, spec.image_size, spec.aspect_ratio, spec.image_mean)
+
+
 @dataclass
 class LlavaCollator:
     """Pad token sequences (right) and normalise images into a model batch.
 
     Samples without an image contribute no ``pixel_values`` row: HF LLaVA matches image features to
-    ``<image>`` tokens in order, so only the images actually present are stacked.
+    ``<image>`` tokens in order, so only the images actually present are stacked. An image is a uint8
+    HWC array, or the raw bytes of one as stored in prepared shards (then ``image_size`` is needed).
     """
 
     pad_token_id: int
     image_mean: Sequence[float]
     image_std: Sequence[float]
+    image_size: int | None = None
+
+    def _image(self, value: Any) -> np.ndarray:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            if self.image_size is None:
+                raise ValueError("images given as bytes need LlavaCollator(image_size=...)")
+            return np.frombuffer(value, dtype=np.uint8).reshape(self.image_size, self.image_size, 3)
+        return np.asarray(value, dtype=np.uint8)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(s["input_ids"]) for s in samples)
@@ -96,7 +112,7 @@ class LlavaCollator:
             labels[i, :k] = torch.as_tensor(np.asarray(s["labels"]), dtype=torch.long)
             attention[i, :k] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-        images = [np.asarray(s["image"], dtype=np.uint8) for s in samples if s.get("image") is not None]
+        images = [self._image(s["image"]) for s in samples if s.get("image") is not None]
         if images:
             batch["pixel_values"] = normalize(np.stack(images), self.image_mean, self.image_std)
         return batch

@@ -107,11 +107,19 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(shapes, rng.choice(tuple(BACKGROUNDS)), width, height, jitter)
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draw a scene with Pillow (RGB)."""
-    img = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
+def _save(img: Image.Image, path: Path) -> None:
+    if path.suffix == ".jpg":
+        img.save(path, format="JPEG", quality=90)
+    else:
+        img.save(path, format="PNG", optimize=False)
+
+
+def render(scene: Scene, scale: int = 1) -> Image.Image:
+    """Draw a scene with Pillow (RGB), ``scale`` times its nominal size."""
+    w, h = scene.width * scale, scene.height * scale
+    img = Image.new("RGB", (w, h), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
-    cw, ch = scene.width / 3, scene.height / 3
+    cw, ch = w / 3, h / 3
     for shape, (jx, jy) in zip(scene.shapes, scene.jitter):
         cx, cy = (shape.col + 0.5 + jx) * cw, (shape.row + 0.5 + jy) * ch
         r = min(cw, ch) * (0.24 if shape.size == "small" else 0.42)
@@ -326,7 +334,7 @@ class SynthSummary:
 
 
 def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | None = None,
-                  text_only_fraction: float = 0.03) -> SynthSummary:
+                  text_only_fraction: float = 0.03, scale: int = 1, image_format: str = "png") -> SynthSummary:
     """Write the synthetic world to ``out``: images, ``pretrain.json``, ``instruct.json``, ``eval/``.
 
     Args:
@@ -335,7 +343,11 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
         seed: makes the output a pure function of the arguments.
         n_eval: held-out eval scenes (default ``max(20, n // 10)``), one question per category each.
         text_only_fraction: share of extra text-only instruct samples.
+        scale: draw images ``scale`` times larger (4 gives COCO-like 512-640 px sides, for benchmarks).
+        image_format: ``png`` (lossless, the default) or ``jpg`` (like COCO).
     """
+    if image_format not in ("png", "jpg"):
+        raise ValueError("image_format must be png or jpg")
     if n < 1:
         raise ValueError("n must be at least 1")
     out = Path(out)
@@ -345,8 +357,8 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
     pretrain, instruct = [], []
     for i in range(n):
         scene = random_scene(rng)
-        name = f"{i:06d}.png"
-        render(scene).save(out / "images" / name, optimize=False)
+        name = f"{i:06d}.{image_format}"
+        _save(render(scene, scale), out / "images" / name)
         pretrain.append(pretrain_record(i, name, scene, rng))
         instruct.append(instruct_record(i, name, scene, rng))
     for j in range(int(round(n * text_only_fraction))):
@@ -356,8 +368,8 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
     n_eval = max(20, n // 10) if n_eval is None else n_eval
     for k in range(n_eval):
         scene = random_scene(rng)
-        name = f"eval_{k:05d}.png"
-        render(scene).save(out / "eval" / "images" / name, optimize=False)
+        name = f"eval_{k:05d}.{image_format}"
+        _save(render(scene, scale), out / "eval" / "images" / name)
         for q, a in eval_questions(k, name, scene, rng):
             questions.append(q)
             answers.append(a)

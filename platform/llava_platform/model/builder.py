@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -105,8 +105,13 @@ def build_preset(
     projector_type: str = "mlp2x_gelu",
     vision_feature_layer: int = -2,
     vision_feature_select_strategy: str = "default",
+    image_size: int | None = None,
+    patch_size: int | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised preset model with a tokenizer trained on the synthetic corpus.
+
+    ``image_size``/``patch_size`` override the preset's (benchmarks use 336/14, CLIP ViT-L/14-336's
+    geometry, so that image work and token counts match a real LLaVA-1.5 run).
 
     Raises:
         ModelBuildError: unknown preset name.
@@ -114,6 +119,8 @@ def build_preset(
     if name not in PRESETS:
         raise ModelBuildError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[name]
+    if image_size or patch_size:
+        p = replace(p, image_size=image_size or p.image_size, patch_size=patch_size or p.patch_size)
     tokenizer = train_bpe_tokenizer(synthetic.corpus(seed=seed, n_scenes=p.corpus_scenes), p.vocab_size)
     vision_cfg = CLIPVisionConfig(
         hidden_size=p.vision_hidden,
@@ -207,6 +214,21 @@ def load_checkpoint(
     if processor.tokenizer.eos_token is None:
         raise ModelBuildError(f"the tokenizer in {uri!r} has no end-of-sequence token")
     return model, processor
+
+
+def load_processor(spec: ModelSpec, storage_config: StorageConfig | None = None) -> tuple[LlavaProcessor, LlavaConfig]:
+    """The processor and config of the model ``spec`` describes, without loading weights where
+    possible (a checkpoint); presets and compositions are built (presets in about a second)."""
+    if spec.checkpoint is not None:
+        src = _resolve(spec.checkpoint, storage_config)
+        try:
+            processor = AutoProcessor.from_pretrained(src)
+            config = LlavaConfig.from_pretrained(src)
+        except (OSError, ValueError) as e:
+            raise ModelBuildError(f"cannot load a LLaVA processor/config from {spec.checkpoint!r}: {e}") from e
+        return processor, config
+    model, processor = build_model(spec, storage_config)
+    return processor, model.config
 
 
 def _resolve(uri: str, storage_config: StorageConfig | None) -> str:
@@ -423,6 +445,7 @@ __all__ = [
     "default_image_processor",
     "describe",
     "load_checkpoint",
+    "load_processor",
     "num_image_tokens",
     "save_model",
 ]

@@ -1,0 +1,31 @@
+"""Every shipped config validates, and the smoke configs run."""
+
+from pathlib import Path
+
+import pytest
+
+from llava_platform.config import PreprocessJobConfig, TrainJobConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+KINDS = {"preprocess": PreprocessJobConfig, "pretrain": TrainJobConfig, "finetune": TrainJobConfig}
+
+
+def kind_of(path: Path):
+    return KINDS[path.stem.split("_")[0]]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_config_validates(path):
+    load_config(path, kind_of(path))
+    first = path.read_text().splitlines()[0:6]
+    # Every config opens with the command that runs it.
+    assert any(f"jobs/{path.stem.split('_')[0]}.py" in line or "jobs/" in line for line in first), first
+
+
+def test_every_real_config_has_a_smoke_twin():
+    real = [p for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("_smoke")]
+    assert real
+    for p in real:
+        twin = p.with_name(p.stem + "_smoke.yaml")
+        assert twin.exists(), f"{p.name} has no smoke twin"
+        assert kind_of(twin) is kind_of(p)
