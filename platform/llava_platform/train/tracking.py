@@ -1,0 +1,105 @@
+"""MLflow tracking for training runs: one MLflow run per training run, across retries and resumes.
+
+The driver creates (or finds) the run before Ray Train starts, keyed by the training run's name and
+storage path, and hands its id to the workers; rank 0 then logs into that same run, so a restarted
+worker group or a re-run driver never makes a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llava_platform.config.schema import TrackingConfig
+
+RUN_KEY_TAG = "llava_platform.run_key"
+
+
+def tracking_uri(cfg: TrackingConfig, default_dir: str | os.PathLike | None = None) -> str:
+    """Config, else ``MLFLOW_TRACKING_URI``, else a local SQLite store (the embedded default)."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(default_dir or os.getcwd()).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_run(cfg: TrackingConfig, uri: str, run_key: str, run_name: str, params: dict[str, Any],
+               tags: dict[str, str], artifact_root: str | None = None) -> str:
+    """The id of the MLflow run for ``run_key``, created (with params and tags) if there is none yet."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        location = cfg.artifact_location or artifact_root
+        exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+class RunLogger:
+    """Rank 0's handle on the MLflow run: metrics, artifacts, registration."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = _client(uri)
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def artifacts(self, local_dir: str, artifact_path: str) -> str:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+        return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+
+    def register(self, name: str, source: str, description: str) -> str:
+        """A new version of registered model ``name`` for a plain artifact directory (``register_model``
+        refuses directories that are not MLflow logged models; ``create_model_version`` does not)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # exists
+        version = self.client.create_model_version(name, source=source, run_id=self.run_id, description=description)
+        return version.version
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

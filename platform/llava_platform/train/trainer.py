@@ -1,0 +1,174 @@
+"""The driver side of a training stage: check the data against the model, set up MLflow, build the
+``TorchTrainer`` from the typed config, run it, and return where the results are."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from llava_platform import storage
+from llava_platform.config.schema import STAGE_TEMPLATES, TrainJobConfig
+from llava_platform.errors import LlavaPlatformError
+
+
+class TrainingError(LlavaPlatformError):
+    """The training run cannot start (data and model do not match) or did not finish."""
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    output_path: str
+    total_steps: int
+    checkpoint_path: str | None
+
+
+def steps_for(job: TrainJobConfig, records: int) -> int:
+    """Optimizer steps: ``max_steps``, else epochs x (micro-batches per worker per epoch / accumulation)."""
+    t = job.train
+    per_worker = records // t.num_workers
+    micro_per_epoch = per_worker // t.micro_batch_size
+    if micro_per_epoch == 0:
+        raise TrainingError(
+            f"{records} prepared records give no full micro-batch of {t.micro_batch_size} on each of"
+            f" {t.num_workers} workers"
+        )
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.floor(t.epochs * micro_per_epoch / t.gradient_accumulation_steps))
+
+
+def check_data_matches_model(job: TrainJobConfig, manifest: dict[str, Any], tokenizer, model_config) -> None:
+    """Refuse data prepared for another tokenizer, template or image geometry.
+
+    Raises:
+        TrainingError: with what differs and how to fix it.
+    """
+    from llava_platform.data.pipeline import tokenizer_fingerprint
+    from llava_platform.model.builder import num_image_tokens
+
+    expected = STAGE_TEMPLATES[job.train.stage]
+    if manifest["template"] != expected:
+        raise TrainingError(f"{job.prepared_data} was prepared with template {manifest['template']!r}, but stage"
+                            f" {job.train.stage} trains with {expected!r}; prepare it with stage {job.train.stage}")
+    if manifest["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
+        raise TrainingError(f"{job.prepared_data} was tokenized with a different tokenizer than the model's;"
+                            " prepare the data with this model (data prepare --model ...)")
+    spec = manifest["sample_spec"]
+    if (spec["image_size"], spec["num_image_tokens"]) != (model_config.vision_config.image_size,
+                                                          num_image_tokens(model_config)):
+        raise TrainingError(f"{job.prepared_data} holds {spec['image_size']} px images with"
+                            f" {spec['num_image_tokens']} image tokens; the model wants"
+                            f" {model_config.vision_config.image_size} px and {num_image_tokens(model_config)}")
+
+
+def parent_run_id(job: TrainJobConfig) -> str | None:
+    """The MLflow run that produced the model this stage starts from (stage-1 lineage), if known."""
+    src = job.model.checkpoint
+    if not src:
+        return None
+    if src.startswith("runs:/"):
+        return src[len("runs:/"):].split("/", 1)[0]
+    try:
+        info = json.loads(storage.read_bytes(storage.join(src, "training_info.json"), job.storage))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return info.get("mlflow_run_id")
+
+
+def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None = None,
+                 trace_dir: str | None = None) -> TrainResult:
+    """Run one LLaVA stage on Ray Train + DeepSpeed (Ray must be initialised).
+
+    Re-running with the same ``name`` and ``storage_path`` resumes from the latest checkpoint and logs
+    into the same MLflow run.
+
+    Raises:
+        TrainingError: data and model do not match, or training failed.
+    """
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llava_platform.data.pipeline import open_prepared
+    from llava_platform.model.builder import load_processor
+    from llava_platform.train.loop import train_loop
+    from llava_platform.train.tracking import ensure_run, flatten, tracking_uri
+
+    dataset, manifest = open_prepared(job.prepared_data, job.storage)
+    processor, model_config = load_processor(job.model, job.storage)
+    check_data_matches_model(job, manifest, processor.tokenizer, model_config)
+    total_steps = steps_for(job, manifest["written"])
+
+    uri = tracking_uri(job.tracking, default_dir=os.path.join(os.getcwd(), "mlruns"))
+    artifact_root = None
+    if uri.startswith("sqlite:///") and not job.tracking.artifact_location:
+        artifact_root = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
+    parent = parent_run_id(job)
+    tags = {"stage": job.train.stage, "llava_platform.run_name": job.name}
+    if parent:
+        tags["stage1_run_id"] = parent
+    run_key = storage.join(job.storage_path, job.name)
+    run_id = ensure_run(job.tracking, uri, run_key, job.name, flatten(json.loads(job.model_dump_json())), tags,
+                        artifact_root)
+
+    t = job.train
+    arrow_fs, storage_path = storage.arrow_filesystem(job.storage_path, job.storage)
+    resources = {"CPU": t.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "job": json.loads(job.model_dump_json(round_trip=True)) | {"storage": _storage_dict(job)},
+            "total_steps": total_steps,
+            "image_size": manifest["sample_spec"]["image_size"],
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+            "parent_run_id": parent,
+            "deepspeed_overrides": deepspeed_overrides,
+            "trace_dir": trace_dir,
+        },
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     accelerator_type=t.accelerator_type),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=storage_path,
+            storage_filesystem=arrow_fs if storage.is_remote(job.storage_path) else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": dataset},
+        # A fixed read order makes every epoch's micro-batches reproducible, so a resumed attempt can
+        # skip exactly what was trained.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training run {job.name!r} failed: {e}") from e
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainResult(job.name, run_id, uri, job.output_path, total_steps, ckpt)
+
+
+def _storage_dict(job: TrainJobConfig) -> dict[str, Any]:
+    """Storage settings with secrets in clear for the workers (``model_dump_json`` masks them)."""
+    s = job.storage
+    d = json.loads(s.model_dump_json())
+    if s.secret_access_key is not None:
+        d["secret_access_key"] = s.secret_access_key.get_secret_value()
+    if s.session_token is not None:
+        d["session_token"] = s.session_token.get_secret_value()
+    return d
+
+
+def run_stage(job: TrainJobConfig) -> TrainResult:
+    """Entry points' library function: run and print where things are."""
+    result = run_training(job)
+    print(f"[train] done: {result.total_steps} steps; export at {result.output_path};"
+          f" MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
+    return result
