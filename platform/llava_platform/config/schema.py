@@ -123,6 +123,8 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Extra Ray resources each worker needs (custom node labels, e.g. {"a100_slot": 1}).
+    resources_per_worker: dict[str, float] = {}
     accelerator_type: str | None = None
     # global batch = micro batch x gradient accumulation x workers
     global_batch_size: int = Field(gt=0)

@@ -99,7 +99,7 @@ class RunLogger:
         except MlflowException:
             pass  # exists
         version = self.client.create_model_version(name, source=source, run_id=self.run_id, description=description)
-        return version.version
+        return str(version.version)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -120,7 +120,7 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
 
     t = job.train
     arrow_fs, storage_path = storage.arrow_filesystem(job.storage_path, job.storage)
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.resources_per_worker}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

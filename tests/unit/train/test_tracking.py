@@ -1,0 +1,36 @@
+from llava_platform.config.schema import TrackingConfig
+from llava_platform.train.tracking import RunLogger, ensure_run, flatten, tracking_uri
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": "[1, 2]", "d": None}
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:1"
+    assert tracking_uri(TrackingConfig(tracking_uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"
+
+
+def test_one_run_per_key_and_plain_dir_registration(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = TrackingConfig(experiment="e")
+    a = ensure_run(cfg, uri, "runs/x", "x", {"p": 1}, {"stage": "pretrain"}, str(tmp_path / "art"))
+    b = ensure_run(cfg, uri, "runs/x", "x", {"p": 1}, {"stage": "pretrain"}, str(tmp_path / "art"))
+    c = ensure_run(cfg, uri, "runs/y", "y", {}, {}, str(tmp_path / "art"))
+    assert a == b != c
+    log = RunLogger(uri, a)
+    log.metrics({"loss": 2.0}, step=1)
+    plain = tmp_path / "export"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    source = log.artifacts(str(plain), "export")
+    assert log.register("m", source, "first") == "1"
+    assert log.register("m", source, "second") == "2"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert [v.description for v in client.search_model_versions("name='m'")][::-1] == ["first", "second"]
+    assert client.get_metric_history(a, "loss")[0].value == 2.0
