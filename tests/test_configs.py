@@ -26,6 +26,7 @@ def test_every_real_config_has_a_smoke_twin():
     real = [p for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("_smoke")]
     assert real
     for p in real:
-        twin = p.with_name(p.stem + "_smoke.yaml")
+        # pretrain_7b.yaml -> pretrain_smoke.yaml; preprocess_lcs558k.yaml -> preprocess_lcs558k_smoke.yaml
+        twin = p.with_name(p.stem.removesuffix("_7b") + "_smoke.yaml")
         assert twin.exists(), f"{p.name} has no smoke twin"
         assert kind_of(twin) is kind_of(p)

@@ -51,6 +51,13 @@ def strip_scheme(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def absolute(uri: str | None) -> str | None:
+    """``uri`` with a local path made absolute (Ray workers run in other directories); s3:// as is."""
+    if uri is None or is_remote(uri):
+        return uri
+    return strip_scheme(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with ``/`` (local paths keep the OS separator)."""
     if is_remote(uri):
@@ -183,9 +190,13 @@ def upload_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = N
     fs.put(str(local_dir).rstrip("/") + "/", path, recursive=True)
 
 
-def local_dir(uri: str, config: StorageConfig | None = None, cache_root: str | Path | None = None) -> str:
+def local_dir(uri: str, config: StorageConfig | None = None, cache_root: str | Path | None = None,
+              skip_suffixes: tuple[str, ...] = ()) -> str:
     """A local directory holding the tree at ``uri``: the path itself when local, else a download
     into a cache keyed by the URI (``$LLAVA_PLATFORM_CACHE`` or ``~/.cache/llava_platform``).
+
+    ``skip_suffixes`` leaves matching files out of a download (weights, when only configs and the
+    tokenizer are wanted).
 
     Raises:
         FileNotFoundError: nothing exists at ``uri``.
@@ -199,7 +210,16 @@ def local_dir(uri: str, config: StorageConfig | None = None, cache_root: str | P
     if not fs.exists(path):
         raise FileNotFoundError(f"{uri} does not exist")
     root = Path(cache_root or os.environ.get("LLAVA_PLATFORM_CACHE") or Path.home() / ".cache" / "llava_platform")
-    target = root / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    key = uri + ("|skip:" + ",".join(skip_suffixes) if skip_suffixes else "")
+    target = root / "s3" / hashlib.sha256(key.encode()).hexdigest()[:16]
     target.mkdir(parents=True, exist_ok=True)
-    fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+    if not skip_suffixes:
+        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+        return str(target)
+    prefix = path.rstrip("/") + "/"
+    for remote in fs.find(prefix):
+        if not remote.endswith(skip_suffixes):
+            dest = target / remote[len(prefix):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, str(dest))
     return str(target)

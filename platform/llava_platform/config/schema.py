@@ -89,6 +89,17 @@ class ModelSpec(StrictModel):
         return self
 
 
+def _model_with_absolute_paths(spec: "ModelSpec") -> "ModelSpec":
+    import os
+
+    from llava_platform.storage import absolute
+
+    # Hub ids ("openai/clip-vit-large-patch14-336") look like relative paths: only existing paths change.
+    fields = ("checkpoint", "vision_tower", "llm", "tokenizer")
+    update = {f: absolute(getattr(spec, f)) for f in fields if getattr(spec, f) and os.path.exists(getattr(spec, f))}
+    return spec.model_copy(update=update)
+
+
 class DataConfig(StrictModel):
     """A LLaVA-format dataset and how to turn it into training records."""
 
@@ -253,6 +264,15 @@ class PreprocessJobConfig(StrictModel):
     read_cpus: float = Field(0.25, gt=0)
     storage: StorageConfig = StorageConfig()
 
+    def with_absolute_paths(self) -> "PreprocessJobConfig":
+        """The same config with local paths absolute, as Ray workers need them."""
+        from llava_platform.storage import absolute
+
+        data = self.data.model_copy(update={"data_path": absolute(self.data.data_path),
+                                            "image_root": absolute(self.data.image_root)})
+        return self.model_copy(update={"data": data, "output_path": absolute(self.output_path),
+                                       "model": _model_with_absolute_paths(self.model)})
+
 
 class TrainJobConfig(StrictModel):
     """`jobs/pretrain.py` / `jobs/finetune.py`: one LLaVA stage."""
@@ -268,6 +288,14 @@ class TrainJobConfig(StrictModel):
     train: TrainConfig
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
+
+    def with_absolute_paths(self) -> "TrainJobConfig":
+        """The same config with local paths absolute, as Ray workers need them."""
+        from llava_platform.storage import absolute
+
+        return self.model_copy(update={
+            "prepared_data": absolute(self.prepared_data), "storage_path": absolute(self.storage_path),
+            "output_path": absolute(self.output_path), "model": _model_with_absolute_paths(self.model)})
 
 
 class EvalJobConfig(StrictModel):

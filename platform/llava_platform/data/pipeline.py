@@ -239,6 +239,7 @@ def prepare(cfg: PreprocessJobConfig) -> PrepareReport:
     import ray.data
 
     t0 = time.time()
+    cfg = cfg.with_absolute_paths()
     phases: dict[str, float] = {}
     tokenizer, spec = sample_spec_for(cfg)
     _prepare_output(cfg)

@@ -162,9 +162,9 @@ def compose(spec: ModelSpec, storage_config: StorageConfig | None = None) -> tup
     """
     assert spec.vision_tower is not None and spec.llm is not None  # guaranteed by ModelSpec
     dtype = _DTYPES[spec.dtype]
-    vision_src = _resolve(spec.vision_tower, storage_config)
-    llm_src = _resolve(spec.llm, storage_config)
-    tok_src = _resolve(spec.tokenizer, storage_config) if spec.tokenizer else llm_src
+    vision_src = resolve_source(spec.vision_tower, storage_config)
+    llm_src = resolve_source(spec.llm, storage_config)
+    tok_src = resolve_source(spec.tokenizer, storage_config) if spec.tokenizer else llm_src
     try:
         vision = CLIPVisionModel.from_pretrained(vision_src, dtype=dtype)
     except (OSError, ValueError) as e:
@@ -200,7 +200,7 @@ def load_checkpoint(
     Raises:
         ModelBuildError: nothing loadable at ``uri``.
     """
-    src = _resolve(uri, storage_config)
+    src = resolve_source(uri, storage_config)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -217,10 +217,10 @@ def load_checkpoint(
 
 
 def load_processor(spec: ModelSpec, storage_config: StorageConfig | None = None) -> tuple[LlavaProcessor, LlavaConfig]:
-    """The processor and config of the model ``spec`` describes, without loading weights where
-    possible (a checkpoint); presets and compositions are built (presets in about a second)."""
+    """The processor and config of the model ``spec`` describes, without loading (or, from S3,
+    downloading) weights where possible (a checkpoint); presets and compositions are built."""
     if spec.checkpoint is not None:
-        src = _resolve(spec.checkpoint, storage_config)
+        src = resolve_source(spec.checkpoint, storage_config, weights=False)
         try:
             processor = AutoProcessor.from_pretrained(src)
             config = LlavaConfig.from_pretrained(src)
@@ -231,11 +231,30 @@ def load_processor(spec: ModelSpec, storage_config: StorageConfig | None = None)
     return processor, model.config
 
 
-def _resolve(uri: str, storage_config: StorageConfig | None) -> str:
-    """A local directory for s3:// URIs (downloaded); local paths and hub ids pass through."""
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def resolve_source(uri: str, storage_config: StorageConfig | None = None, weights: bool = True) -> str:
+    """A local directory for a model URI: s3:// URIs and MLflow URIs (``runs:/<run id>/<path>``,
+    ``models:/<name>/<version>``, from the current MLflow tracking server) are downloaded; local paths
+    and hub ids pass through. ``weights=False`` skips weight files in S3 downloads.
+
+    Raises:
+        ModelBuildError: nothing found at the URI.
+    """
+    if uri.startswith(MLFLOW_SCHEMES):
+        import mlflow.artifacts
+
+        if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
+            uri = uri.rstrip("/") + "/export"  # a run's model export
+        try:
+            return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except Exception as e:  # MlflowException, OSError: both mean "not there"
+            raise ModelBuildError(f"cannot download {uri} from MLflow ({mlflow.get_tracking_uri()}): {e}") from e
     if storage.is_remote(uri):
         try:
-            return storage.local_dir(uri, storage_config)
+            return storage.local_dir(uri, storage_config, skip_suffixes=() if weights else WEIGHT_SUFFIXES)
         except FileNotFoundError as e:
             raise ModelBuildError(f"nothing found at {uri}") from e
     return uri
@@ -447,6 +466,7 @@ __all__ = [
     "load_checkpoint",
     "load_processor",
     "num_image_tokens",
+    "resolve_source",
     "save_model",
 ]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -36,10 +36,14 @@ class TrainState:
 
 
 def rank0_print(msg: str) -> None:
+    """One progress line from rank 0. Written to the process's real stdout: Ray Train's print patch
+    would otherwise emit it twice when another library has wrapped ``sys.stdout``."""
+    import sys
+
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:
-        print(msg, flush=True)
+        print(msg, file=sys.__stdout__, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,9 +217,9 @@ def train_loop(config: dict[str, Any]) -> None:
             if logger is not None and (state.step % t.logging_steps == 0 or state.step == total_steps):
                 logger.metrics(metrics, state.step)
                 eta = (time.time() - started) / (state.step - start_step) * (total_steps - state.step)
-                print(f"[train] step {state.step}/{total_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e}"
-                      f" | {metrics['samples_per_s']:.1f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-                      flush=True)
+                rank0_print(f"[train] step {state.step}/{total_steps} | loss {metrics['loss']:.4f}"
+                            f" | lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.1f} samples/s"
+                            f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
             if state.step % t.save_steps == 0 or state.step == total_steps:
                 _save_checkpoint(engine, state, metrics, rank, logger)
             t_step, step_loss, step_tokens, step_ids = time.time(), 0.0, 0, []

@@ -67,18 +67,41 @@ def check_data_matches_model(job: TrainJobConfig, manifest: dict[str, Any], toke
                             f" {model_config.vision_config.image_size} px and {num_image_tokens(model_config)}")
 
 
+# Ray Data's read tasks for the training shards ask for this much CPU (open_prepared).
+DATA_CPUS = 0.25
+
+
+def check_room_for_data(worker_cpus: float) -> None:
+    """Refuse a run whose workers would take every CPU: Ray Data could then never schedule a read
+    task, and training would wait forever without a word.
+
+    Raises:
+        TrainingError: with the numbers and the fix.
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total - worker_cpus < DATA_CPUS:
+        raise TrainingError(
+            f"the workers take {worker_cpus:g} of the cluster's {total:g} CPUs, leaving less than {DATA_CPUS} for"
+            " reading the data; lower train.cpus_per_worker or train.num_workers, or add CPUs"
+        )
+
+
 def parent_run_id(job: TrainJobConfig) -> str | None:
-    """The MLflow run that produced the model this stage starts from (stage-1 lineage), if known."""
+    """The MLflow run that produced the model this stage starts from (stage-1 lineage), read from the
+    ``training_info.json`` every export carries; None for models not trained here."""
+    from llava_platform.model.builder import resolve_source
+
     src = job.model.checkpoint
     if not src:
         return None
-    if src.startswith("runs:/"):
-        return src[len("runs:/"):].split("/", 1)[0]
+    path = os.path.join(resolve_source(src, job.storage, weights=False), "training_info.json")
     try:
-        info = json.loads(storage.read_bytes(storage.join(src, "training_info.json"), job.storage))
-    except (FileNotFoundError, ValueError, OSError):
+        with open(path) as f:
+            return json.load(f).get("mlflow_run_id")
+    except (FileNotFoundError, ValueError):
         return None
-    return info.get("mlflow_run_id")
 
 
 def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None = None,
@@ -101,12 +124,15 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     from llava_platform.train.loop import train_loop
     from llava_platform.train.tracking import ensure_run, flatten, tracking_uri
 
+    import mlflow
+
+    job = job.with_absolute_paths()
+    uri = tracking_uri(job.tracking, default_dir=os.path.join(os.getcwd(), "mlruns"))
+    mlflow.set_tracking_uri(uri)  # model URIs like runs:/... resolve against this server
     dataset, manifest = open_prepared(job.prepared_data, job.storage)
     processor, model_config = load_processor(job.model, job.storage)
     check_data_matches_model(job, manifest, processor.tokenizer, model_config)
     total_steps = steps_for(job, manifest["written"])
-
-    uri = tracking_uri(job.tracking, default_dir=os.path.join(os.getcwd(), "mlruns"))
     artifact_root = None
     if uri.startswith("sqlite:///") and not job.tracking.artifact_location:
         artifact_root = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
@@ -119,6 +145,7 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
                         artifact_root)
 
     t = job.train
+    check_room_for_data(t.num_workers * t.cpus_per_worker)
     arrow_fs, storage_path = storage.arrow_filesystem(job.storage_path, job.storage)
     resources = {"CPU": t.cpus_per_worker, **t.resources_per_worker}
     trainer = TorchTrainer(

@@ -62,3 +62,21 @@ def test_secrets_stay_out_of_repr():
     serve = ServeConfig(model="/m", api_key="sk-live-123")
     assert "very-secret" not in repr(s) and "very-secret" not in str(s.model_dump())
     assert "sk-live-123" not in repr(serve)
+
+
+def test_local_paths_become_absolute_for_workers(tmp_path, monkeypatch):
+    from llava_platform.config.schema import PreprocessJobConfig, TrainJobConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "init").mkdir(parents=True)
+    job = TrainJobConfig(name="r", model={"checkpoint": "models/init"}, prepared_data="data/p",
+                         storage_path="s3://b/runs", output_path="out",
+                         train={"stage": "pretrain", "global_batch_size": 2, "micro_batch_size": 2, "lr": 1.0})
+    a = job.with_absolute_paths()
+    assert a.model.checkpoint == str(tmp_path / "models" / "init")
+    assert (a.prepared_data, a.storage_path, a.output_path) == (str(tmp_path / "data/p"), "s3://b/runs", str(tmp_path / "out"))
+    hub = ModelSpec(vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5")
+    pre = PreprocessJobConfig(stage="pretrain", model=hub, data={"data_path": "d.json", "image_root": "imgs"},
+                              output_path="o").with_absolute_paths()
+    assert pre.model.vision_tower == "openai/clip-vit-large-patch14-336"  # a hub id, not a path
+    assert pre.data.image_root == str(tmp_path / "imgs") and pre.output_path == str(tmp_path / "o")

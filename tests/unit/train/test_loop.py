@@ -232,3 +232,30 @@ def test_node_failure_resumes_from_checkpoint_on_the_same_batches(ray_cluster, p
     finally:
         for node in (nodes[1], replacement):
             ray_cluster.remove_node(node)
+
+
+def test_against_a_real_mlflow_server(mlflow_server, prepared, tmp_path):
+    """Tracking to an `mlflow server` on 127.0.0.1; stage 2 starts from an MLflow URI of stage 1."""
+    from mlflow.tracking import MlflowClient
+
+    short = {"train.max_steps": 2, "train.zero_stage": 2, "tracking.tracking_uri": mlflow_server,
+             "tracking.registered_model_name": "llava-server", "tracking.experiment": "server"}
+    r1 = run_training(job(tmp_path, "srv1", "pretrain", prepared / "pretrain", ["model.preset=tiny"], **short))
+    r2 = run_training(job(tmp_path, "srv2", "finetune", prepared / "finetune",
+                          [f"model.checkpoint=runs:/{r1.mlflow_run_id}/export"], **short))
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(r2.mlflow_run_id).data.tags["stage1_run_id"] == r1.mlflow_run_id
+    assert len(client.get_metric_history(r1.mlflow_run_id, "loss")) == 2
+    versions = sorted(client.search_model_versions("name='llava-server'"), key=lambda v: int(v.version))
+    assert [v.run_id for v in versions] == [r1.mlflow_run_id, r2.mlflow_run_id]
+    runs = client.search_runs([client.get_experiment_by_name("server").experiment_id])
+    assert len(runs) == 2  # one MLflow run per training run
+
+
+def test_unknown_mlflow_model_uri_is_a_clear_error(mlflow_server, prepared, tmp_path):
+    from llava_platform.errors import ModelBuildError
+
+    j = job(tmp_path, "bad", "finetune", prepared / "finetune", ["model.checkpoint=runs:/0123456789abcdef/export"],
+            **{"tracking.tracking_uri": mlflow_server})
+    with pytest.raises(ModelBuildError, match="cannot download runs:/0123456789abcdef/export from MLflow"):
+        run_training(j)

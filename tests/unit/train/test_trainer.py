@@ -36,3 +36,15 @@ def test_data_must_match_model():
     with pytest.raises(TrainingError, match="holds 64 px images"):
         check_data_matches_model(job(), {**good, "sample_spec": {"image_size": 64, "num_image_tokens": 64}},
                                  processor.tokenizer, model.config)
+
+
+@pytest.mark.ray
+def test_workers_must_leave_a_cpu_for_the_data(ray_cluster):
+    import ray
+
+    from llava_platform.train.trainer import check_room_for_data
+
+    total = ray.cluster_resources()["CPU"]
+    check_room_for_data(total - 1)
+    with pytest.raises(TrainingError, match=r"leaving less than 0.25 for reading the data"):
+        check_room_for_data(total)

@@ -1,0 +1,103 @@
+"""Benchmark: samples/s of the Ray Train + DeepSpeed training loop (one worker) against a plain
+single-process PyTorch loop over the same model, data and batch size, in one run.
+
+    python bench/train.py                  # small preset, stage 2, 40 steps of batch 8
+    python bench/train.py --zero 0 --steps 60
+
+Start-up is excluded on both sides: each side times its own optimizer steps, and the first
+``--warmup`` steps are dropped; the figure is the median step's samples/s. The plain loop uses the same
+collate, AdamW, gradient clipping and data order (the prepared shards read in order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per side (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="leading steps left out of the figure (default 5)")
+    parser.add_argument("--batch", type=int, default=8, help="batch size (micro = global, one worker)")
+    parser.add_argument("--zero", type=int, default=2, help="DeepSpeed ZeRO stage for the Ray side (default 2)")
+    parser.add_argument("--preset", default="small", help="model preset (default small)")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+    import pyarrow.dataset as pads
+    import ray
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from llava_platform.config import PreprocessJobConfig, TrainJobConfig, load_config
+    from llava_platform.data.pipeline import prepare
+    from llava_platform.data.sample import LlavaCollator
+    from llava_platform.data.synthetic import write_dataset
+    from llava_platform.model.builder import apply_stage, build_preset
+    from llava_platform.ray_utils import init_ray
+    from llava_platform.train.step import optimizer_step, trainable_parameters
+    from llava_platform.train.trainer import run_training
+
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        write_dataset(root / "synth", n=max(400, args.steps * args.batch), seed=0, n_eval=1)
+        init_ray(num_cpus=os.cpu_count(), _temp_dir=temp)
+        prepare(load_config(None, PreprocessJobConfig, [
+            "stage=finetune", f"model.preset={args.preset}", f"data.data_path={root / 'synth' / 'instruct.json'}",
+            f"data.image_root={root / 'synth' / 'images'}", f"output_path={root / 'prep'}", "num_workers=1",
+            "cpus_per_worker=0.5", "data.max_length=512"]))
+
+        # Ray Train + DeepSpeed, one worker.
+        job = load_config(None, TrainJobConfig, [
+            "name=bench", f"model.preset={args.preset}", f"prepared_data={root / 'prep'}",
+            f"storage_path={root / 'runs'}", f"output_path={root / 'export'}", "train.stage=finetune",
+            "train.num_workers=1", f"train.cpus_per_worker={os.cpu_count()}", f"train.global_batch_size={args.batch}",
+            f"train.micro_batch_size={args.batch}", "train.lr=1e-4", f"train.max_steps={args.steps}",
+            f"train.save_steps={10 * args.steps}", "train.precision=fp32", f"train.zero_stage={args.zero}",
+            "train.lr_scheduler=constant", "train.max_grad_norm=1.0",
+            f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
+        result = run_training(job)
+        hist = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "step_time_s")
+        ray_times = [m.value for m in sorted(hist, key=lambda m: m.step)][args.warmup:]
+        ray.shutdown()
+
+        # The plain single-process loop over the same rows in the same order.
+        torch.set_num_threads(os.cpu_count())
+        model, processor = build_preset(args.preset, seed=0)
+        apply_stage(model, "finetune")
+        rows = pads.dataset(str(root / "prep" / "shards" / "status=ok"), format="parquet").to_table().to_pylist()
+        ip = processor.image_processor
+        collate = LlavaCollator(processor.tokenizer.pad_token_id, ip.image_mean, ip.image_std,
+                                image_size=model.config.vision_config.image_size)
+        opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-4, weight_decay=0.0)
+        plain_times = []
+        for step in range(args.steps):
+            batch_rows = rows[(step * args.batch) % len(rows):][: args.batch]
+            t0 = time.perf_counter()
+            optimizer_step(model, collate(batch_rows), opt, max_grad_norm=1.0)
+            plain_times.append(time.perf_counter() - t0)
+        plain_times = plain_times[args.warmup:]
+
+        ray_sps = args.batch / statistics.median(ray_times)
+        plain_sps = args.batch / statistics.median(plain_times)
+        print(f"\n{args.preset} preset, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up left out),"
+              f" {os.cpu_count()} CPU cores, ZeRO-{args.zero}, fp32")
+        print(f"{'':<34}{'samples/s':>10}")
+        print(f"{'plain PyTorch, one process':<34}{plain_sps:>10.1f}")
+        print(f"{'Ray Train + DeepSpeed, 1 worker':<34}{ray_sps:>10.1f}")
+        print(f"{'ratio (Ray / plain)':<34}{ray_sps / plain_sps:>10.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
