@@ -30,6 +30,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Both sides compute with every core: Ray would otherwise set OMP_NUM_THREADS from the worker's
+    # (fractional) CPU reservation, and the comparison would measure thread counts, not overhead.
+    threads = os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
     import pyarrow.dataset as pads
     import ray
@@ -59,7 +63,7 @@ def main() -> None:
         job = load_config(None, TrainJobConfig, [
             "name=bench", f"model.preset={args.preset}", f"prepared_data={root / 'prep'}",
             f"storage_path={root / 'runs'}", f"output_path={root / 'export'}", "train.stage=finetune",
-            "train.num_workers=1", f"train.cpus_per_worker={os.cpu_count()}", f"train.global_batch_size={args.batch}",
+            "train.num_workers=1", f"train.cpus_per_worker={max(0.5, threads - 1)}", f"train.global_batch_size={args.batch}",
             f"train.micro_batch_size={args.batch}", "train.lr=1e-4", f"train.max_steps={args.steps}",
             f"train.save_steps={10 * args.steps}", "train.precision=fp32", f"train.zero_stage={args.zero}",
             "train.lr_scheduler=constant", "train.max_grad_norm=1.0",
@@ -70,7 +74,7 @@ def main() -> None:
         ray.shutdown()
 
         # The plain single-process loop over the same rows in the same order.
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(threads)
         model, processor = build_preset(args.preset, seed=0)
         apply_stage(model, "finetune")
         rows = pads.dataset(str(root / "prep" / "shards" / "status=ok"), format="parquet").to_table().to_pylist()

@@ -32,6 +32,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(proc: subprocess.Popen, ready, what: str, log_name: str, timeout: float) -> None:
+    """Poll ``ready()`` until it is true; fail early if ``proc`` exits, kill it on timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log_name}")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{what} did not become ready within {timeout:.0f} s; see {log_name}")
+
+
+def stop_process(proc: subprocess.Popen, log, timeout: float = 15) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 @dataclass
 class S3Server:
     endpoint_url: str
@@ -73,25 +98,14 @@ def s3_server(tmp_path_factory) -> S3Server:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}; see {log.name}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not start within 60 s")
+
+    def accepts():
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    wait_until_ready(proc, accepts, "moto server", log.name, 60)
     yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_process(proc, log)
 
 
 @pytest.fixture
@@ -180,23 +194,11 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}; see {log.name}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not become healthy within 90 s")
+
+    def healthy():
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+            return r.status == 200
+
+    wait_until_ready(proc, healthy, "mlflow server", log.name, 90)
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_process(proc, log)

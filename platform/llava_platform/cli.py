@@ -118,7 +118,7 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from llava_platform.demo import run_demo
 
-    run_demo(args.workdir, n=args.n)
+    run_demo(args.workdir, n=args.n, preset=args.preset, steps=args.steps)
     return 0
 
 
@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     demo = sub.add_parser("demo", help="the end-to-end demo on the embedded default (local, CPU)")
     demo.add_argument("--workdir", default="demo_run", help="where data, models and runs go (default demo_run/)")
-    demo.add_argument("--n", type=int, default=200, help="synthetic training scenes (default 200)")
+    demo.add_argument("--n", type=int, default=400, help="synthetic training scenes (default 400)")
+    demo.add_argument("--preset", default="small", help="model preset: small (default) or tiny")
+    demo.add_argument("--steps", type=int, default=30, help="optimizer steps per stage (default 30)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -378,7 +378,7 @@ def prepare_reference(cfg: PreprocessJobConfig, out_file: str) -> tuple[int, flo
     """
     import pyarrow.parquet as pq
 
-    from llava_platform.data.source import _record_id
+    from llava_platform.data.source import _record_id, jsonl_record
 
     t0 = time.time()
     tokenizer, spec = sample_spec_for(cfg)
@@ -390,13 +390,9 @@ def prepare_reference(cfg: PreprocessJobConfig, out_file: str) -> tuple[int, flo
     else:
         rows, pos = [], 0
         for line in raw.splitlines(keepends=True):
-            s = line.decode("utf-8", errors="replace").strip()
-            if s:
-                try:
-                    rid = _record_id(json.loads(s))
-                except ValueError:
-                    rid = None
-                rows.append({"row": pos, "id": rid, "raw": s})
+            parsed = jsonl_record(line)
+            if parsed is not None:
+                rows.append({"row": pos, "id": parsed[0], "raw": parsed[1]})
             pos += len(line)
     first: dict[str, int] = {}
     for r in rows:

@@ -35,6 +35,18 @@ def _record_id(obj: object) -> str | None:
     return None
 
 
+def jsonl_record(line: bytes) -> tuple[str | None, str] | None:
+    """``(id, text)`` of one JSONL line, ``None`` for a blank line. A line that is not JSON keeps
+    ``id`` None and its text, to be rejected downstream with a reason."""
+    text = line.decode("utf-8", errors="replace").strip()
+    if not text:
+        return None
+    try:
+        return _record_id(json.loads(text)), text
+    except ValueError:
+        return None, text
+
+
 def _table(rows: list[tuple[int, str | None, str]]) -> pa.Table:
     rows_, ids, raws = zip(*rows) if rows else ((), (), ())
     return pa.table({"row": list(rows_), "id": list(ids), "raw": list(raws)}, schema=SOURCE_SCHEMA)
@@ -89,13 +101,9 @@ def _read_jsonl_range(uri: str, config: StorageConfig | None, start: int, end: i
             line = f.readline()
             if not line:
                 break
-            text = line.decode("utf-8", errors="replace").strip()
-            if text:
-                try:
-                    rid = _record_id(json.loads(text))
-                except ValueError:
-                    rid = None
-                rows.append((pos, rid, text))
+            parsed = jsonl_record(line)
+            if parsed is not None:
+                rows.append((pos, *parsed))
             pos += len(line)
             if len(rows) >= block_rows:
                 yield _table(rows)

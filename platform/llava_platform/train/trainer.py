@@ -67,8 +67,9 @@ def check_data_matches_model(job: TrainJobConfig, manifest: dict[str, Any], toke
                             f" {model_config.vision_config.image_size} px and {num_image_tokens(model_config)}")
 
 
-# Ray Data's read tasks for the training shards ask for this much CPU (open_prepared).
-DATA_CPUS = 0.25
+# Reading the training shards needs one whole free CPU: read_parquet's file-listing step asks for
+# 1 CPU whatever the read tasks' own num_cpus (seen with Ray 2.60; with less, training waits forever).
+DATA_CPUS = 1.0
 
 
 def check_room_for_data(worker_cpus: float) -> None:
@@ -83,7 +84,7 @@ def check_room_for_data(worker_cpus: float) -> None:
     total = ray.cluster_resources().get("CPU", 0.0)
     if total - worker_cpus < DATA_CPUS:
         raise TrainingError(
-            f"the workers take {worker_cpus:g} of the cluster's {total:g} CPUs, leaving less than {DATA_CPUS} for"
+            f"the workers take {worker_cpus:g} of the cluster's {total:g} CPUs, leaving less than {DATA_CPUS:g} for"
             " reading the data; lower train.cpus_per_worker or train.num_workers, or add CPUs"
         )
 

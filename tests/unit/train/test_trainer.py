@@ -46,5 +46,5 @@ def test_workers_must_leave_a_cpu_for_the_data(ray_cluster):
 
     total = ray.cluster_resources()["CPU"]
     check_room_for_data(total - 1)
-    with pytest.raises(TrainingError, match=r"leaving less than 0.25 for reading the data"):
-        check_room_for_data(total)
+    with pytest.raises(TrainingError, match=r"leaving less than 1 for reading the data"):
+        check_room_for_data(total - 0.5)
