@@ -112,6 +112,13 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     Re-running with the same ``name`` and ``storage_path`` resumes from the latest checkpoint and logs
     into the same MLflow run.
 
+    Args:
+        job: the validated job config.
+        deepspeed_overrides: nested DeepSpeed keys merged over the generated config.
+        trace_dir: a local directory (shared by the workers) where each rank appends, per optimizer
+            step, the ids of the records it trained on (``rank<N>.jsonl``); for auditing data order
+            across restarts. Off by default.
+
     Raises:
         TrainingError: data and model do not match, or training failed.
     """
