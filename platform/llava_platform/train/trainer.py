@@ -89,6 +89,32 @@ def check_room_for_data(worker_cpus: float) -> None:
         )
 
 
+def system_facts() -> dict[str, str]:
+    """Versions and cluster shape, recorded on the MLflow run (as ``sys.*`` tags)."""
+    import platform as std_platform  # the standard library's module (our source root is not a package)
+
+    import deepspeed
+    import ray
+    import torch
+    import transformers
+
+    import llava_platform
+
+    res = ray.cluster_resources()
+    return {
+        "sys.python": std_platform.python_version(),
+        "sys.llava_platform": llava_platform.__version__,
+        "sys.torch": torch.__version__,
+        "sys.ray": ray.__version__,
+        "sys.deepspeed": deepspeed.__version__,
+        "sys.transformers": transformers.__version__,
+        "sys.cluster_cpus": f"{res.get('CPU', 0):g}",
+        "sys.cluster_gpus": f"{res.get('GPU', 0):g}",
+        "sys.cluster_nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
+        "sys.cuda": str(torch.version.cuda) if torch.cuda.is_available() else "none",
+    }
+
+
 def parent_run_id(job: TrainJobConfig) -> str | None:
     """The MLflow run that produced the model this stage starts from (stage-1 lineage), read from the
     ``training_info.json`` every export carries; None for models not trained here."""
@@ -145,7 +171,7 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     if uri.startswith("sqlite:///") and not job.tracking.artifact_location:
         artifact_root = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
     parent = parent_run_id(job)
-    tags = {"stage": job.train.stage, "llava_platform.run_name": job.name}
+    tags = {"stage": job.train.stage, "llava_platform.run_name": job.name, **system_facts()}
     if parent:
         tags["stage1_run_id"] = parent
     run_key = storage.join(job.storage_path, job.name)

@@ -136,6 +136,7 @@ def test_mlflow_lineage_and_registry(stage1, stage2):
     run2 = client.get_run(r2.mlflow_run_id)
     assert run2.data.tags["stage1_run_id"] == r1.mlflow_run_id
     assert run2.data.params["train.zero_stage"] == "3" and run2.data.params["train.stage"] == "finetune"
+    assert run2.data.tags["sys.torch"] == torch.__version__ and int(run2.data.tags["sys.cluster_nodes"]) >= 1
     assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s"} <= set(run2.data.metrics)
     assert "export/model.safetensors" in {a.path for a in client.list_artifacts(r2.mlflow_run_id, "export")}
     versions = {v.run_id: v for v in client.search_model_versions("name='llava-tiny'")}
