@@ -258,18 +258,20 @@ def _export(engine, processor, job: TrainJobConfig, config: dict[str, Any], rank
     alone after stage 1; logged to MLflow and registered as a new model version."""
     import torch
 
+    from llava_platform import storage
     from llava_platform.model.builder import build_model, save_model
 
     t = job.train
-    if t.zero_stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part
-    else:
-        state_dict = engine.module.state_dict()
+    rebuild = t.lora is not None or t.zero_stage == 3
+    # Gathering ZeRO-3 weights is collective: every rank takes part, rank 0 receives them.
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if t.zero_stage == 3 else None
     if rank != 0:
         return
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = os.path.join(tmp, "export")
-        if t.lora is not None or t.zero_stage == 3:
+        if rebuild:
+            if state_dict is None:
+                state_dict = engine.module.state_dict()
             # A fresh full-size copy on rank 0 receives the gathered weights (and merges LoRA).
             model, _ = build_model(job.model, job.storage)
             if t.lora is not None:
@@ -294,7 +296,7 @@ def _export(engine, processor, job: TrainJobConfig, config: dict[str, Any], rank
                     for k, v in model.state_dict().items() if "multi_modal_projector." in k}
             os.makedirs(os.path.join(export_dir, "projector"))
             save_file(proj, os.path.join(export_dir, "projector", "projector.safetensors"))
-        save_model_dir(export_dir, job)
+        storage.upload_dir(export_dir, job.output_path, job.storage)
         if logger is not None:
             source = logger.artifacts(export_dir, "export")
             if job.tracking.registered_model_name:
@@ -304,10 +306,3 @@ def _export(engine, processor, job: TrainJobConfig, config: dict[str, Any], rank
                 version = logger.register(job.tracking.registered_model_name, source, desc)
                 logger.tag("registered_model_version", f"{job.tracking.registered_model_name}/{version}")
             logger.finish()
-
-
-def save_model_dir(local_dir: str, job: TrainJobConfig) -> None:
-    """Copy the finished export to ``output_path`` (local or s3://)."""
-    from llava_platform import storage
-
-    storage.upload_dir(local_dir, job.output_path, job.storage)
