@@ -196,21 +196,35 @@ class TrackingConfig(StrictModel):
 
 
 class ServeConfig(StrictModel):
-    """The Ray Serve application (replica counts and autoscaling live in serve_config.yaml)."""
+    """The Ray Serve application's arguments (replica counts, autoscaling and per-replica resources
+    live in serve_config.yaml, per deployment)."""
 
     # Model URI: local path, s3://, or MLflow (models:/name/version, runs:/id/path).
     model: str
+    # The name clients pass as `model`, and /v1/models lists.
     model_name: str = "llava"
-    # Bearer key; None disables auth. Falls back to LLAVA_API_KEY in the environment.
+    # MLflow tracking server for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI).
+    tracking_uri: str | None = None
+    storage: StorageConfig = StorageConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # How images are squared before the vision tower; use what the model was trained with.
+    image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
+    # Bearer key; None disables auth. Falls back to LLAVA_API_KEY in the replica's environment.
     api_key: SecretStr | None = None
     max_new_tokens_limit: int = Field(1024, gt=0)
     max_images_per_request: int = Field(1, gt=0)
     max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    # Refused before decoding: a small file that expands to a huge image (decompression bomb).
     max_image_pixels: int = Field(50_000_000, gt=0)
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     # Hosts from which http(s) image URLs may be fetched; empty: data: URLs only.
     allowed_image_hosts: list[str] = []
+    # Projected image embeddings kept per VisionEncoder replica, keyed by the image's content hash.
     encoder_cache_size: int = Field(1024, ge=0)
+    encoder_batch_size: int = Field(16, gt=0)
+    # Requests that decode together in one LanguageModel batch, and how long a batch waits to fill.
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
 
 
 class JudgeConfig(StrictModel):

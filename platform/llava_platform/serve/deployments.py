@@ -1,0 +1,306 @@
+"""The three Ray Serve deployments: ``VisionEncoder`` and ``LanguageModel`` (each autoscaled on its
+own, each batching concurrent calls with ``@serve.batch``) and the FastAPI ``Gateway`` that speaks
+the OpenAI API and holds handles to the other two.
+
+A request's image embeddings go from the encoder to the language model as ``DeploymentResponse``
+arguments: Ray passes them between the two replicas without routing the tensors through the gateway.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llava_platform.config.schema import ModelSpec, ServeConfig
+from llava_platform.serve import inputs
+from llava_platform.serve.engine import (DecodeRequest, Decoder, ImageEncoderCore, ImageSpec, StepOutput,
+                                         drop_modules, load_for_serving)
+from llava_platform.serve.protocol import (ApiError, chunk_body, completion_body, completion_id, models_body,
+                                           parse_request, usage)
+
+logger = logging.getLogger("ray.serve")
+API_KEY_ENV = "LLAVA_API_KEY"
+
+
+def _load(args: ServeConfig) -> tuple[Any, Any]:
+    if args.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
+    return load_for_serving(args.model, args.storage, args.dtype)
+
+
+class _Unhealthy:
+    """Records an internal failure (not a bad request) so ``check_health`` fails and Serve replaces
+    the replica."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def check(self) -> None:
+        if self.reason:
+            raise RuntimeError(self.reason)
+
+
+@serve.deployment(name="VisionEncoder")
+class VisionEncoder:
+    """Images -> projected image embeddings. Concurrent calls are batched; an LRU cache keyed by the
+    image's content hash (and a table of encodes in flight) means a repeated image skips the tower."""
+
+    def __init__(self, args: ServeConfig):
+        model, processor = _load(args)
+        spec = ImageSpec.from_model(model.config, processor, args.image_aspect_ratio)
+        self.core = ImageEncoderCore(drop_modules(model, "vision"), spec)
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_size = args.encoder_cache_size
+        self.inflight: dict[str, asyncio.Future] = {}
+        self.counts = {"requests": 0, "encoded": 0, "cache_hits": 0, "batches": 0}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        self.health = _Unhealthy()
+        self._encode_batch.set_max_batch_size(args.encoder_batch_size)
+
+    async def encode(self, key: str, pixels: np.ndarray) -> torch.Tensor:
+        """The ``[num_tokens, hidden]`` embeddings of one prepared image (``key``: content hash)."""
+        self.counts["requests"] += 1
+        if key in self.cache:
+            self.counts["cache_hits"] += 1
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        if key in self.inflight:  # the same image is being encoded for another request
+            self.counts["cache_hits"] += 1
+            return await asyncio.shield(self.inflight[key])
+        future = asyncio.ensure_future(self._encode_batch(pixels))
+        self.inflight[key] = future
+        try:
+            feats = await asyncio.shield(future)
+        finally:
+            self.inflight.pop(key, None)
+        if self.cache_size:
+            self.cache[key] = feats
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return feats
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _encode_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        self.counts["batches"] += 1
+        self.counts["encoded"] += len(images)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self.core, images)
+        except Exception as e:
+            self.health.reason = f"vision encoder failed: {type(e).__name__}: {e}"
+            raise
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``encoded`` is the number of images that ran through the vision tower."""
+        return dict(self.counts, cached=len(self.cache))
+
+    def check_health(self) -> None:
+        self.health.check()
+
+
+@serve.deployment(name="LanguageModel")
+class LanguageModel:
+    """Prompt ids + image embeddings -> streamed text. Concurrent requests decode together in one
+    batch (``@serve.batch`` over an async generator: one list of step outputs per decode step)."""
+
+    def __init__(self, args: ServeConfig):
+        model, processor = _load(args)
+        self.decoder = Decoder(drop_modules(model, "language"), processor.tokenizer)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch": 0}
+        self.health = _Unhealthy()
+        self._decode_batch.set_max_batch_size(args.max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    async def generate(self, request: DecodeRequest, *features: torch.Tensor) -> AsyncIterator[StepOutput]:
+        """Stream one request's output (call with ``.options(stream=True)``)."""
+        self.counts["requests"] += 1
+        async for out in self._decode_batch((request, list(features))):
+            if out.text or out.finish_reason:
+                yield out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _decode_batch(self, items: list[tuple[DecodeRequest, list[torch.Tensor]]]) -> AsyncIterator[list[Any]]:
+        self.counts["batches"] += 1
+        self.counts["rows"] += len(items)
+        self.counts["max_batch"] = max(self.counts["max_batch"], len(items))
+        loop = asyncio.get_running_loop()
+        steps = self.decoder.stream([r for r, _ in items], [f for _, f in items])
+        while True:
+            try:
+                step = await loop.run_in_executor(self.pool, next, steps, None)
+            except ValueError:
+                raise  # inputs that do not fit together: the callers' error, not the replica's
+            except Exception as e:
+                self.health.reason = f"decoding failed: {type(e).__name__}: {e}"
+                raise
+            if step is None:
+                return
+            yield [StopIteration if out is None else out for out in step]
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def check_health(self) -> None:
+        self.health.check()
+
+
+api = FastAPI(title="llava-platform", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=str(exc.status_code))
+    return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+_REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError")
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress(api)
+class Gateway:
+    """The OpenAI-compatible HTTP API: auth, limits, request validation, prompt building, SSE."""
+
+    def __init__(self, encoder: DeploymentHandle, llm: DeploymentHandle, args: ServeConfig):
+        import httpx
+
+        from llava_platform.model.builder import load_processor
+
+        if args.tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(args.tracking_uri)
+        processor, config = load_processor(ModelSpec(checkpoint=args.model), args.storage)
+        self.encoder, self.llm = encoder, llm
+        self.model_name = args.model_name
+        self.limits = inputs.Limits.from_config(args)
+        self.spec = ImageSpec.from_model(config, processor, args.image_aspect_ratio)
+        self.prompts = inputs.PromptBuilder(processor, config, self.spec, self.limits)
+        self.max_body = args.max_body_bytes
+        key = args.api_key.get_secret_value() if args.api_key else os.environ.get(API_KEY_ENV)
+        self._api_key = key.encode() if key else None
+        self.http = httpx.AsyncClient(timeout=10.0)
+        self.created = int(time.time())
+
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+            raise ApiError(401, "Incorrect or missing API key: send it as `Authorization: Bearer <key>`.",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise ApiError(413, f"the request body is {declared} bytes, over the limit of {self.max_body}",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise ApiError(413, f"the request body is over the limit of {self.max_body} bytes", code="request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw:
+            raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+
+    async def _stream(self, req: DecodeRequest, prompt: inputs.Prompt) -> AsyncIterator[StepOutput]:
+        """The language model's output; if a replica dies before anything was produced (it was
+        killed, or its node went away), the request is sent once more to the replicas that remain."""
+        for attempt in range(2):
+            produced = False
+            try:
+                feats = [self.encoder.encode.remote(img.key, img.pixels) for img in prompt.images]
+                async for out in self.llm.generate.options(stream=True).remote(req, *feats):
+                    produced = True
+                    yield out
+                return
+            except Exception as e:
+                gone = type(e).__name__ in _REPLICA_GONE or any(n in repr(e) for n in _REPLICA_GONE)
+                if not gone or produced or attempt:
+                    if gone:
+                        raise ApiError(503, "the model replica serving this request went away; retry",
+                                       code="replica_unavailable") from e
+                    raise
+                logger.warning("retrying a request after a replica failure: %s", type(e).__name__)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return models_body(self.model_name, self.created)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        self._authorize(request)
+        chat = parse_request(await self._body(request))
+        if chat.model != self.model_name:
+            raise ApiError(404, f"The model `{chat.model}` does not exist; this server serves `{self.model_name}`",
+                           "model", "model_not_found")
+        stops = chat.stop_strings()
+        images = await inputs.load_images(chat, self.spec, self.limits, self.http)
+        prompt = self.prompts.build(chat, images)
+        req = DecodeRequest(prompt.input_ids, prompt.max_new_tokens, chat.temperature, chat.top_p, chat.seed, stops)
+        cid, created, n_prompt = completion_id(), int(time.time()), len(prompt.input_ids)
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(self._sse(req, prompt, cid, created, n_prompt, include_usage),
+                                     media_type="text/event-stream")
+        text, last = "", None
+        async for out in self._stream(req, prompt):
+            text += out.text
+            last = out
+        finish = last.finish_reason if last else "stop"
+        n_completion = last.completion_tokens if last else 0
+        return completion_body(cid, self.model_name, text, finish or "stop", n_prompt, n_completion, created)
+
+    async def _sse(self, req: DecodeRequest, prompt: inputs.Prompt, cid: str, created: int, n_prompt: int,
+                   include_usage: bool) -> AsyncIterator[str]:
+        def event(body: dict[str, Any]) -> str:
+            return f"data: {json.dumps(body)}\n\n"
+
+        yield event(chunk_body(cid, self.model_name, created, {"role": "assistant", "content": ""}))
+        n_completion = 0
+        try:
+            async for out in self._stream(req, prompt):
+                n_completion = out.completion_tokens
+                delta = {"content": out.text} if out.text else {}
+                yield event(chunk_body(cid, self.model_name, created, delta, out.finish_reason))
+        except ApiError as e:
+            yield event(e.body())
+        except Exception as e:  # the status line is already sent: report in the stream
+            logger.exception("stream failed")
+            yield event(ApiError(500, f"generation failed: {type(e).__name__}", code="internal_error").body())
+        if include_usage:
+            yield event(chunk_body(cid, self.model_name, created, None, usage_counts=usage(n_prompt, n_completion)))
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,253 @@
+"""Split LLaVA inference: the vision side (vision tower + projector) and the language side (a batched
+decode loop from image embeddings + prompt), with no Ray in them.
+
+The Serve deployments, the offline CLI chat and the benchmarks all run these two classes, so the
+split path is one piece of code. Feeding the projected image features into the language model's input
+embeddings at the ``<image>`` positions is exactly what ``LlavaForConditionalGeneration`` does with
+``pixel_values``; greedy output therefore equals ``model.generate(pixel_values=...)`` (tested).
+
+The decode loop is written out rather than calling ``generate`` because each row of a batch carries
+its own sampling parameters, seed, stop strings and token limit, and streams its text as it goes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from llava_platform.data.images import AspectRatio, decode, normalize, prepare_image
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How an image becomes vision-tower input: the tower's size, the processor's mean/std, the
+    aspect-ratio handling used in training, and how many embeddings the projector yields."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_tokens: int
+    aspect_ratio: AspectRatio = "pad"
+
+    @classmethod
+    def from_model(cls, config: Any, processor: Any, aspect_ratio: AspectRatio = "pad") -> "ImageSpec":
+        from llava_platform.model.builder import num_image_tokens
+
+        ip = processor.image_processor
+        return cls(config.vision_config.image_size, tuple(ip.image_mean), tuple(ip.image_std),  # type: ignore[arg-type]
+                   num_image_tokens(config), aspect_ratio)
+
+    def prepare(self, data: bytes, max_pixels: int) -> np.ndarray:
+        """Decode and square/resize image bytes to uint8 HWC, as the training pipeline does.
+
+        Raises:
+            RecordError: empty, undecodable, truncated, or over ``max_pixels``.
+        """
+        return prepare_image(decode(data, max_pixels), self.size, self.aspect_ratio, self.mean)
+
+
+def drop_modules(model: Any, keep: str) -> Any:
+    """Free the half of a loaded LLaVA a deployment does not run: ``keep="vision"`` drops the
+    language model and LM head, ``keep="language"`` drops the vision tower and projector."""
+    inner = model.model
+    if keep == "vision":
+        inner.language_model = torch.nn.Module()
+        model.lm_head = torch.nn.Module()
+    elif keep == "language":
+        inner.vision_tower = torch.nn.Module()
+        inner.multi_modal_projector = torch.nn.Module()
+    else:
+        raise ValueError(f"keep must be 'vision' or 'language', not {keep!r}")
+    return model
+
+
+class ImageEncoderCore:
+    """uint8 HWC images -> projected image embeddings, one ``[num_tokens, hidden]`` tensor each."""
+
+    def __init__(self, model: Any, spec: ImageSpec):
+        self.model = model.eval()
+        self.spec = spec
+        self.dtype = next(model.model.multi_modal_projector.parameters()).dtype
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        pixels = normalize(np.stack(list(images)), self.spec.mean, self.spec.std).to(self.dtype)
+        feats = self.model.model.get_image_features(pixel_values=pixels).pooler_output
+        return [f.detach().clone() for f in feats]
+
+
+@dataclass
+class DecodeRequest:
+    """One row of a decode batch. ``temperature == 0`` is greedy."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """What one decode step produced for one row: new text (possibly empty while a multi-byte
+    character or a possible stop string is held back), the running completion token count, and the
+    finish reason (``stop`` or ``length``) on the row's last step."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+class _Row:
+    """Per-row decoding state: generated ids, text streamed so far, stop handling."""
+
+    def __init__(self, req: DecodeRequest, tokenizer: Any, eos_ids: set[int]):
+        self.req = req
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.done = False
+        self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else secrets.randbits(63))
+
+    def push(self, token: int) -> StepOutput:
+        finish = None
+        if token in self.eos_ids:
+            finish = "stop"
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        else:
+            self.ids.append(token)
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in self.req.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+            elif len(self.ids) >= self.req.max_new_tokens:
+                finish = "length"
+        if finish is None:
+            text = self._safe_prefix(text)
+        else:
+            self.done = True
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted += delta
+        return StepOutput(delta, len(self.ids), finish)
+
+    def _safe_prefix(self, text: str) -> str:
+        """Hold back an incomplete UTF-8 character and any tail that could start a stop string."""
+        text = text.rstrip("\ufffd")
+        hold = 0
+        for s in self.req.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[: len(text) - hold]
+
+
+class Decoder:
+    """Batched decoding from prompt ids + image embeddings with a KV cache.
+
+    Rows are left-padded to one length; positions follow the attention mask, so each row computes
+    what it would alone. Each row samples with its own temperature/top-p and seeded generator.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_token_id = model.config.image_token_id
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self.embed = model.get_input_embeddings()
+
+    def _row_embeddings(self, input_ids: list[int], features: Sequence[torch.Tensor]) -> torch.Tensor:
+        ids = torch.tensor(input_ids, dtype=torch.long)
+        x = self.embed(ids)
+        slots = ids == self.image_token_id
+        n_feat = sum(f.shape[0] for f in features)
+        if int(slots.sum()) != n_feat:
+            raise ValueError(f"the prompt has {int(slots.sum())} image token(s) but {n_feat} image embedding(s) were given")
+        if n_feat:
+            x[slots] = torch.cat([f.to(x.dtype) for f in features])
+        return x
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        greedy = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            if row.done or row.req.temperature == 0:
+                continue
+            scaled = logits[i] / row.req.temperature
+            if row.req.top_p < 1.0:
+                sorted_logits, order = torch.sort(scaled, descending=True)
+                cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+                drop = cum - torch.softmax(sorted_logits, -1) >= row.req.top_p  # keep the smallest nucleus
+                sorted_logits[drop] = float("-inf")
+                scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, sorted_logits)
+            greedy[i] = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=row.generator))
+        return greedy
+
+    @torch.inference_mode()
+    def stream(self, requests: Sequence[DecodeRequest],
+               features: Sequence[Sequence[torch.Tensor]]) -> Iterator[list[StepOutput | None]]:
+        """Decode a batch; yields one list per step with a :class:`StepOutput` for every row still
+        running (``None`` for rows already finished). Ends when every row has finished.
+
+        Raises:
+            ValueError: a row's image tokens and embeddings do not match in number.
+        """
+        rows = [_Row(r, self.tokenizer, self.eos_ids) for r in requests]
+        embeds = [self._row_embeddings(r.input_ids, f) for r, f in zip(requests, features)]
+        n, longest = len(embeds), max(e.shape[0] for e in embeds)
+        x = torch.zeros(n, longest, embeds[0].shape[-1], dtype=embeds[0].dtype)
+        mask = torch.zeros(n, longest, dtype=torch.long)
+        for i, e in enumerate(embeds):
+            x[i, longest - e.shape[0]:] = e
+            mask[i, longest - e.shape[0]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, next_pos = out.past_key_values, positions[:, -1:] + 1
+        logits = out.logits[:, -1].float()
+        while True:
+            tokens = self._choose(logits, rows)
+            step: list[StepOutput | None] = []
+            for row, tok in zip(rows, tokens):
+                step.append(None if row.done else row.push(tok))
+            yield step
+            if all(row.done for row in rows):
+                return
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long)], dim=1)
+            x = self.embed(torch.tensor(tokens, dtype=torch.long)[:, None])
+            out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=next_pos,
+                             past_key_values=cache, use_cache=True)
+            cache, next_pos = out.past_key_values, next_pos + 1
+            logits = out.logits[:, -1].float()
+
+    def generate(self, requests: Sequence[DecodeRequest],
+                 features: Sequence[Sequence[torch.Tensor]]) -> list[tuple[str, int, str]]:
+        """Decode a batch to the end: ``(text, completion_tokens, finish_reason)`` per row."""
+        texts = [""] * len(requests)
+        result: list[tuple[str, int, str]] = [("", 0, "")] * len(requests)
+        for step in self.stream(requests, features):
+            for i, out in enumerate(step):
+                if out is not None:
+                    texts[i] += out.text
+                    if out.finish_reason:
+                        result[i] = (texts[i], out.completion_tokens, out.finish_reason)
+        return result
+
+
+def load_for_serving(uri: str, storage_config: Any = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a LLaVA checkpoint (local path, s3://, ``models:/``, ``runs:/``) for inference.
+
+    Raises:
+        ModelBuildError: nothing loadable at ``uri``.
+    """
+    from llava_platform.model.builder import load_checkpoint
+
+    model, processor = load_checkpoint(uri, storage_config, dtype=dtype)
+    return model.eval(), processor

@@ -1,0 +1,2 @@
+"""Ray Serve applications of llava-platform (installed with the package, so `serve deploy` finds
+them on every node)."""
