@@ -202,3 +202,56 @@ def mlflow_server(tmp_path_factory):
     wait_until_ready(proc, healthy, "mlflow server", log.name, 90)
     yield url
     stop_process(proc, log)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny preset (seed 1) saved in HF format, as a training export would be (read-only)."""
+    from llava_platform.model.builder import build_preset, save_model
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    model, processor = build_preset("tiny", seed=1)
+    save_model(model, processor, str(out))
+    return out
+
+
+@dataclass
+class ServeApp:
+    url: str
+    model_dir: Path
+    name: str
+    args: object
+
+    def handle(self, deployment: str):
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, self.name)
+
+
+# Limits small enough that the bad-input tests can cross each one with small payloads.
+SERVE_TEST_ARGS = dict(max_new_tokens_limit=64, max_image_bytes=300_000, max_image_pixels=1_000_000,
+                       max_body_bytes=1_000_000, max_images_per_request=2, max_batch_size=8,
+                       batch_wait_timeout_s=0.05)
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_cluster, tiny_model_dir):
+    """One real Serve instance for the session: the LLaVA chat app on the tiny model, on loopback.
+
+    Two replicas each of the encoder and the language model, so that killing one leaves the
+    application answering; small CPU shares so that training tests still fit beside it.
+    """
+    from ray import serve
+
+    from llava_platform.serve.app import LlavaAppArgs, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    args = LlavaAppArgs(model=str(tiny_model_dir), **SERVE_TEST_ARGS)
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    app = build_app(args, {"Gateway": dict(small, num_replicas=1),
+                           "VisionEncoder": dict(small, num_replicas=2, max_ongoing_requests=32),
+                           "LanguageModel": dict(small, num_replicas=2, max_ongoing_requests=32)})
+    serve.run(app, name="llava", route_prefix="/")
+    yield ServeApp(f"http://127.0.0.1:{port}", tiny_model_dir, "llava", args)
+    serve.shutdown()

@@ -7,6 +7,7 @@ replica counts, autoscaling and resources come from the Serve config, per deploy
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ray.serve import Application
 
@@ -16,15 +17,41 @@ from llava_platform.model.builder import MLFLOW_SCHEMES
 from llava_platform.serve.deployments import Gateway, LanguageModel, VisionEncoder
 
 
+DEPLOYMENTS = (Gateway, VisionEncoder, LanguageModel)
+
+
 class LlavaAppArgs(ServeConfig):
     """Arguments of the LLaVA chat application (``model`` is the model URI: a local path, ``s3://``,
     ``models:/<name>/<version>`` or ``runs:/<run id>/<path>``); see :class:`ServeConfig`."""
 
 
-def build_app(args: LlavaAppArgs | ServeConfig) -> Application:
-    """Bind the three deployments. A relative local model path is made absolute here, where the
-    caller's working directory is known (replicas run elsewhere)."""
+def with_absolute_model(args: ServeConfig) -> ServeConfig:
+    """``args`` with an existing relative local model path made absolute; remote, MLflow and hub
+    ids unchanged."""
     local = not args.model.startswith(MLFLOW_SCHEMES) and not storage.is_remote(args.model)
-    if local and os.path.exists(args.model):  # otherwise a hub id, passed through
-        args = args.model_copy(update={"model": os.path.abspath(args.model)})
-    return Gateway.bind(VisionEncoder.bind(args), LanguageModel.bind(args), args)
+    if local and os.path.exists(args.model):
+        return args.model_copy(update={"model": os.path.abspath(args.model)})
+    return args
+
+
+def build_app(args: LlavaAppArgs | ServeConfig, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """Bind the three deployments. A relative local model path is made absolute here, where the
+    caller's working directory is known (replicas run elsewhere).
+
+    Args:
+        args: the application's arguments.
+        deployment_options: per deployment name (``Gateway``, ``VisionEncoder``, ``LanguageModel``),
+            ``.options(...)`` such as ``num_replicas`` or ``ray_actor_options``, for programmatic
+            use; with ``serve run``/``serve deploy`` these come from the Serve config YAML instead.
+
+    Raises:
+        ValueError: an option for a deployment that does not exist.
+    """
+    opts = dict(deployment_options or {})
+    unknown = set(opts) - {d.name for d in DEPLOYMENTS}
+    if unknown:
+        raise ValueError(f"deployment_options for unknown deployment(s) {sorted(unknown)}; "
+                         f"the deployments are {[d.name for d in DEPLOYMENTS]}")
+    gateway, encoder, llm = (d.options(**opts[d.name]) if d.name in opts else d for d in DEPLOYMENTS)
+    args = with_absolute_model(args)
+    return gateway.bind(encoder.bind(args), llm.bind(args), args)

@@ -44,6 +44,10 @@ def _load(args: ServeConfig) -> tuple[Any, Any]:
     return load_for_serving(args.model, args.storage, args.dtype)
 
 
+def _replica_id() -> str:
+    return serve.get_replica_context().replica_id.unique_id
+
+
 class _Unhealthy:
     """Records an internal failure (not a bad request) so ``check_health`` fails and Serve replaces
     the replica."""
@@ -105,9 +109,10 @@ class VisionEncoder:
             self.health.reason = f"vision encoder failed: {type(e).__name__}: {e}"
             raise
 
-    def stats(self) -> dict[str, int]:
-        """Counters: ``encoded`` is the number of images that ran through the vision tower."""
-        return dict(self.counts, cached=len(self.cache))
+    def stats(self) -> dict[str, Any]:
+        """This replica's counters: ``encoded`` is the number of images that ran through the vision
+        tower, ``cache_hits`` the calls answered from the cache (or from an encode in flight)."""
+        return dict(self.counts, cached=len(self.cache), replica=_replica_id())
 
     def check_health(self) -> None:
         self.health.check()
@@ -153,8 +158,9 @@ class LanguageModel:
                 return
             yield [StopIteration if out is None else out for out in step]
 
-    def stats(self) -> dict[str, int]:
-        return dict(self.counts)
+    def stats(self) -> dict[str, Any]:
+        """This replica's counters (``max_batch``: the most rows that decoded together)."""
+        return dict(self.counts, replica=_replica_id())
 
     def check_health(self) -> None:
         self.health.check()

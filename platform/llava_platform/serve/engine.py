@@ -71,13 +71,14 @@ class ImageEncoderCore:
     def __init__(self, model: Any, spec: ImageSpec):
         self.model = model.eval()
         self.spec = spec
-        self.dtype = next(model.model.multi_modal_projector.parameters()).dtype
+        first = next(model.model.multi_modal_projector.parameters())
+        self.dtype, self.device = first.dtype, first.device
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        pixels = normalize(np.stack(list(images)), self.spec.mean, self.spec.std).to(self.dtype)
+        pixels = normalize(np.stack(list(images)), self.spec.mean, self.spec.std).to(self.device, self.dtype)
         feats = self.model.model.get_image_features(pixel_values=pixels).pooler_output
-        return [f.detach().clone() for f in feats]
+        return [f.detach().cpu().clone() for f in feats]  # to CPU: they travel to another replica
 
 
 @dataclass
@@ -101,6 +102,8 @@ class StepOutput:
     text: str
     completion_tokens: int
     finish_reason: str | None = None
+    # Rows in the decode batch this step belonged to (observability: proves requests batch together).
+    batch_rows: int = 1
 
 
 class _Row:
@@ -164,16 +167,17 @@ class Decoder:
         eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = eos_ids
         self.embed = model.get_input_embeddings()
+        self.device = self.embed.weight.device
 
     def _row_embeddings(self, input_ids: list[int], features: Sequence[torch.Tensor]) -> torch.Tensor:
-        ids = torch.tensor(input_ids, dtype=torch.long)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         x = self.embed(ids)
         slots = ids == self.image_token_id
         n_feat = sum(f.shape[0] for f in features)
         if int(slots.sum()) != n_feat:
             raise ValueError(f"the prompt has {int(slots.sum())} image token(s) but {n_feat} image embedding(s) were given")
         if n_feat:
-            x[slots] = torch.cat([f.to(x.dtype) for f in features])
+            x[slots] = torch.cat([f.to(self.device, x.dtype) for f in features])
         return x
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -181,7 +185,7 @@ class Decoder:
         for i, row in enumerate(rows):
             if row.done or row.req.temperature == 0:
                 continue
-            scaled = logits[i] / row.req.temperature
+            scaled = logits[i].cpu() / row.req.temperature  # sampled on CPU with the row's generator
             if row.req.top_p < 1.0:
                 sorted_logits, order = torch.sort(scaled, descending=True)
                 cum = torch.softmax(sorted_logits, -1).cumsum(-1)
@@ -203,8 +207,8 @@ class Decoder:
         rows = [_Row(r, self.tokenizer, self.eos_ids) for r in requests]
         embeds = [self._row_embeddings(r.input_ids, f) for r, f in zip(requests, features)]
         n, longest = len(embeds), max(e.shape[0] for e in embeds)
-        x = torch.zeros(n, longest, embeds[0].shape[-1], dtype=embeds[0].dtype)
-        mask = torch.zeros(n, longest, dtype=torch.long)
+        x = torch.zeros(n, longest, embeds[0].shape[-1], dtype=embeds[0].dtype, device=self.device)
+        mask = torch.zeros(n, longest, dtype=torch.long, device=self.device)
         for i, e in enumerate(embeds):
             x[i, longest - e.shape[0]:] = e
             mask[i, longest - e.shape[0]:] = 1
@@ -216,12 +220,15 @@ class Decoder:
             tokens = self._choose(logits, rows)
             step: list[StepOutput | None] = []
             for row, tok in zip(rows, tokens):
-                step.append(None if row.done else row.push(tok))
+                out = None if row.done else row.push(tok)
+                if out is not None:
+                    out.batch_rows = n
+                step.append(out)
             yield step
             if all(row.done for row in rows):
                 return
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long)], dim=1)
-            x = self.embed(torch.tensor(tokens, dtype=torch.long)[:, None])
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long, device=self.device)], dim=1)
+            x = self.embed(torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None])
             out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=next_pos,
                              past_key_values=cache, use_cache=True)
             cache, next_pos = out.past_key_values, next_pos + 1
@@ -241,8 +248,10 @@ class Decoder:
         return result
 
 
-def load_for_serving(uri: str, storage_config: Any = None, dtype: str = "float32") -> tuple[Any, Any]:
-    """Load a LLaVA checkpoint (local path, s3://, ``models:/``, ``runs:/``) for inference.
+def load_for_serving(uri: str, storage_config: Any = None, dtype: str = "float32",
+                     device: str | None = None) -> tuple[Any, Any]:
+    """Load a LLaVA checkpoint (local path, s3://, ``models:/``, ``runs:/``) for inference, on the
+    GPU Ray assigned to this process when there is one (``device`` overrides).
 
     Raises:
         ModelBuildError: nothing loadable at ``uri``.
@@ -250,4 +259,5 @@ def load_for_serving(uri: str, storage_config: Any = None, dtype: str = "float32
     from llava_platform.model.builder import load_checkpoint
 
     model, processor = load_checkpoint(uri, storage_config, dtype=dtype)
-    return model.eval(), processor
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), processor

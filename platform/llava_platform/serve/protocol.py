@@ -106,7 +106,12 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as e:
-        err = e.errors()[0]
+        # For `content: str | list[part]` pydantic reports both branches; the deepest error is the
+        # one that says what is wrong (e.g. the part whose type is unknown).
+        errors = e.errors()
+        err = max(errors, key=lambda x: len(x["loc"]))
+        if len(err["loc"]) == len(errors[0]["loc"]):
+            err = errors[0]
         loc = [str(p) for p in err["loc"]]
         # Drop pydantic's union/discriminator tags from the path: messages.0.content.1.image_url...
         param = ".".join(p for p in loc if p not in ("str", "list[tagged-union[TextPart,ImagePart]]")

@@ -1,0 +1,299 @@
+"""The Serve application end to end on a real local Serve instance (session fixture), through the
+official ``openai`` client and raw HTTP: answers equal the single-process model's, streaming, batching,
+the encoder cache, every bad input a 4xx, the API key, and a killed replica."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import ray
+from PIL import Image
+from serve_helpers import data_url, png, reference_greedy, user_image_message
+
+from llava_platform.serve.engine import DecodeRequest, ImageSpec, load_for_serving
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def reference(serve_app):
+    model, processor = load_for_serving(str(serve_app.model_dir))
+    spec = ImageSpec.from_model(model.config, processor)
+
+    def greedy(messages: list[dict], images: list[bytes], max_new_tokens: int) -> str:
+        from llava_platform.serve.inputs import template_messages
+        from llava_platform.serve.protocol import parse_request
+
+        req = parse_request({"model": "llava", "messages": messages})
+        return reference_greedy(model, processor, spec, template_messages(req.messages), images, max_new_tokens)
+
+    return greedy
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    return openai.OpenAI(base_url=f"{serve_app.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_and_health(serve_app, client):
+    assert [m.id for m in client.models.list().data] == ["llava"]
+    assert httpx.get(f"{serve_app.url}/healthz").json() == {"status": "ok"}
+
+
+def test_openai_client_answer_equals_single_process_generate(client, reference):
+    raw = png("red", (36, 24))
+    messages = [user_image_message(raw, "What colour is the shape?")]
+    res = client.chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0)
+    assert res.choices[0].message.content == reference(messages, [raw], 12)
+    assert res.choices[0].finish_reason == "length" and res.object == "chat.completion"
+    assert res.usage.completion_tokens == 12 and res.usage.prompt_tokens > 16
+    assert res.usage.total_tokens == res.usage.prompt_tokens + 12 and res.id.startswith("chatcmpl-")
+
+
+def test_streaming_with_the_openai_client_matches_non_streaming(client, serve_app):
+    messages = [user_image_message(png("blue"), "Describe the image.")]
+    full = client.chat.completions.create(model="llava", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="llava", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+    raw = httpx.post(f"{serve_app.url}/v1/chat/completions", timeout=60,
+                     json={"model": "llava", "messages": messages, "max_tokens": 3, "stream": True}).text
+    assert raw.rstrip().endswith("data: [DONE]") and raw.startswith("data: {")
+
+
+def test_multi_turn_with_the_image_in_an_earlier_turn(client, reference):
+    raw = png("green", (30, 30), shape="circle")
+    messages = [user_image_message(raw, "What shape is it?"), {"role": "assistant", "content": "circle"},
+                {"role": "user", "content": "And its colour?"}]
+    res = client.chat.completions.create(model="llava", messages=messages, max_tokens=8, temperature=0, seed=0)
+    assert res.choices[0].message.content == reference(messages, [raw], 8)
+
+
+def test_concurrent_requests_each_get_their_own_answer(client, reference):
+    cases = [(png(c, (24 + 4 * i, 32)), q) for i, (c, q) in enumerate(
+        [("red", "colour?"), ("blue", "What shape is in the picture?"), ("yellow", "count"), ("purple", "where?"),
+         ("orange", "Is there a circle?"), ("white", "describe"), ("black", "colour?"), ("cyan", "shape?")])]
+
+    def ask(case):
+        raw, q = case
+        messages = [user_image_message(raw, q)]
+        got = client.chat.completions.create(model="llava", messages=messages, max_tokens=10, temperature=0)
+        return got.choices[0].message.content, reference(messages, [raw], 10)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, cases))
+    assert all(got == want for got, want in results)
+
+
+def test_language_model_decodes_concurrent_calls_in_one_batch(serve_app, tiny_model_dir):
+    from llava_platform.config.schema import ModelSpec
+    from llava_platform.model.builder import load_processor
+
+    processor, _ = load_processor(ModelSpec(checkpoint=str(tiny_model_dir)))
+    ids = processor.tokenizer("USER: hello ASSISTANT:")["input_ids"]
+    llm = serve_app.handle("LanguageModel")
+
+    async def one(i):
+        rows = 0
+        async for out in llm.generate.options(stream=True).remote(DecodeRequest(ids + [i + 5], 6)):
+            rows = max(rows, out.batch_rows)
+        return rows
+
+    async def many():
+        return await asyncio.gather(*(one(i) for i in range(12)))
+
+    rows = asyncio.run(many())
+    assert max(rows) > 1, rows  # 12 calls over 2 replicas: some must have shared a decode batch
+
+
+def _encoder_stats(serve_app) -> dict[str, dict]:
+    """Counters of every VisionEncoder replica (calls spread over replicas; poll until both seen)."""
+    handle, seen = serve_app.handle("VisionEncoder"), {}
+    for _ in range(60):
+        s = handle.stats.remote().result()
+        seen[s["replica"]] = s
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def test_repeated_images_skip_the_encoder(serve_app, client):
+    before = _encoder_stats(serve_app)
+    images = [png(c, (50, 20)) for c in ("pink", "brown")]  # not used by other tests
+
+    def ask(i):
+        client.chat.completions.create(model="llava", messages=[user_image_message(images[i % 2], "colour?")],
+                                       max_tokens=1)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(ask, range(20)))
+    after = _encoder_stats(serve_app)
+    encoded = sum(after[r]["encoded"] - before.get(r, {}).get("encoded", 0) for r in after)
+    requests = sum(after[r]["requests"] - before.get(r, {}).get("requests", 0) for r in after)
+    assert requests == 20
+    assert 2 <= encoded <= 4  # each distinct image once per replica that saw it (two replicas)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a table of malformed requests, each a 4xx in OpenAI's error shape, never a 5xx.
+# ---------------------------------------------------------------------------------------------
+
+def _noise_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buf, "PNG")  # 16 MP from ~16 KB
+    return buf.getvalue()
+
+
+def _chat(content, **kw) -> bytes:
+    return json.dumps({"model": "llava", "messages": [{"role": "user", "content": content}], "max_tokens": 2, **kw}).encode()
+
+
+def _image(url: str) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]
+
+
+BAD_REQUESTS = [
+    ("invalid JSON", b'{"model": "llava", "messages": [', 400, "invalid_json", "not valid JSON"),
+    ("empty body", b"", 400, "invalid_json", "empty"),
+    ("missing messages", json.dumps({"model": "llava"}).encode(), 400, "missing", "messages"),
+    ("empty messages", json.dumps({"model": "llava", "messages": []}).encode(), 400, "too_short", "at least one"),
+    ("unknown role", json.dumps({"model": "llava", "messages": [{"role": "wizard", "content": "hi"}]}).encode(),
+     400, "invalid_role", "wizard"),
+    ("bad base64", _chat(_image("data:image/png;base64,!!notbase64!!")), 400, "invalid_base64", "base64"),
+    ("not an image", _chat(_image(data_url(b"just some text, not pixels"))), 400, "invalid_image", "not a readable image"),
+    ("image over the byte limit", _chat(_image(data_url(_noise_png(400)))), 400, "image_too_large", "300000 bytes"),
+    ("decompression bomb", _chat(_image(data_url(_bomb_png()))), 400, "image_too_large", "16000000"),
+    ("more images than allowed", _chat(_image(data_url(png())) * 3), 400, "too_many_images", "at most 2"),
+    ("unknown model", _chat("hi", model="gpt-4o"), 404, "model_not_found", "gpt-4o"),
+    ("max_tokens zero", _chat("hi", max_tokens=0), 400, "invalid_value", "between 1 and 64"),
+    ("max_tokens over the limit", _chat("hi", max_tokens=65), 400, "invalid_value", "between 1 and 64"),
+    ("prompt longer than the context", _chat("red circle " * 1500), 400, "context_length_exceeded",
+     "maximum context length is 2048"),
+    ("unsupported content part", _chat([{"type": "input_audio", "input_audio": {"data": "x"}}]), 400,
+     "unsupported_content_type", "input_audio"),
+    ("remote URL not allowed", _chat(_image("https://images.example.com/cat.png")), 400, "image_url_not_allowed",
+     "images.example.com"),
+    ("file URL", _chat(_image("file:///etc/passwd")), 400, "invalid_image_url", "scheme"),
+    ("body over the size limit", _chat("x" * 1_100_000), 413, "request_too_large", "1000000"),
+    ("unknown argument", _chat("hi", max_token=3), 400, "extra_forbidden", "max_token"),
+    ("temperature out of range", _chat("hi", temperature=5), 400, "less_than_equal", "temperature"),
+    ("n > 1", _chat("hi", n=3), 400, "literal_error", "'n'"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, code, words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_4xx_that_says_what_is_wrong(serve_app, name, body, status, code, words):
+    r = httpx.post(f"{serve_app.url}/v1/chat/completions", content=body, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code and words in err["message"], err
+
+
+def test_unknown_routes_and_methods_are_4xx_in_the_same_shape(serve_app):
+    for r in (httpx.get(f"{serve_app.url}/v1/nothing"), httpx.get(f"{serve_app.url}/v1/chat/completions")):
+        assert r.status_code in (404, 405) and "message" in r.json()["error"]
+
+
+def test_the_app_still_answers_after_the_bad_inputs(client):
+    res = client.chat.completions.create(model="llava", messages=[user_image_message(png(), "ok?")], max_tokens=2)
+    assert res.choices[0].finish_reason in ("length", "stop")
+
+
+def test_openai_client_raises_its_own_error_types(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="between 1 and 64"):
+        client.chat.completions.create(model="llava", messages=[{"role": "user", "content": "hi"}], max_tokens=999)
+
+
+# ---------------------------------------------------------------------------------------------
+# API key
+# ---------------------------------------------------------------------------------------------
+
+def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_cluster):
+    from ray import serve
+
+    from llava_platform.serve.app import build_app
+
+    secret = "sk-test-" + os.urandom(8).hex()
+    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key": secret})
+    small = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
+    serve.run(build_app(args, {n: small for n in ("Gateway", "VisionEncoder", "LanguageModel")}),
+              name="secure", route_prefix="/secure")
+    try:
+        base = f"{serve_app.url}/secure/v1"
+        body = {"model": "llava", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": secret}):
+            r = httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=60)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{base}/models").status_code == 401
+        assert httpx.get(f"{serve_app.url}/secure/healthz").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=base, api_key=secret, max_retries=0, timeout=60)
+        assert good.chat.completions.create(**body).usage.completion_tokens == 2
+    finally:
+        serve.delete("secure")
+    logs = Path(ray_cluster.head_node.get_session_dir_path()) / "logs"
+    leaked = [p for p in logs.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
+
+
+# ---------------------------------------------------------------------------------------------
+# A killed replica is replaced and the application keeps answering (last: it disturbs the app).
+# ---------------------------------------------------------------------------------------------
+
+def _replicas(deployment: str) -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]}
+
+
+def test_killed_replicas_are_replaced_and_requests_keep_succeeding(serve_app, client):
+    from ray import serve
+
+    llm_before, enc_before = _replicas("LanguageModel"), _replicas("VisionEncoder")
+    assert len(llm_before) == 2 and len(enc_before) == 2
+    victim_llm, victim_enc = sorted(llm_before)[0], sorted(enc_before)[0]
+    ray.kill(ray.get_actor(victim_llm, namespace="serve"), no_restart=True)
+    ray.kill(ray.get_actor(victim_enc, namespace="serve"), no_restart=True)
+
+    def ask(i):
+        messages = [user_image_message(png("red", (20 + i, 30)), "colour?")]
+        return client.chat.completions.create(model="llava", messages=messages, max_tokens=4).usage.completion_tokens
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, range(16))) == [4] * 16
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        llm_now, enc_now = _replicas("LanguageModel"), _replicas("VisionEncoder")
+        status = serve.status().applications["llava"]
+        if (len(llm_now) == 2 and len(enc_now) == 2 and victim_llm not in llm_now and victim_enc not in enc_now
+                and status.status == "RUNNING"):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"replicas not replaced: {llm_now} {enc_now} {status}")
+    assert ask(1) == 4
