@@ -122,11 +122,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    chat = sub.add_parser("chat", help="chat about an image in the terminal (a Serve endpoint or a local model)",
+                          description="Interactive, streaming chat. The image goes with the first question; an "
+                                      "empty line or `exit` ends it.")
+    where = chat.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000")
+    where.add_argument("--model", help="a model to run in this process: local dir, s3://, models:/name/version")
+    chat.add_argument("--image", help="image file to ask about")
+    chat.add_argument("--model-name", help="with --endpoint: the served model name (default: the first listed)")
+    chat.add_argument("--api-key", help="with --endpoint: bearer key (default: $LLAVA_API_KEY)")
+    chat.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.2, help="0 is greedy (default 0.2)")
+    chat.set_defaults(func=_cmd_chat)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from llava_platform.serve.chat import EndpointBackend, LocalBackend, chat_loop, image_part
+
+    if args.image:
+        image_part(args.image)  # a wrong path fails before a model loads
+    if args.endpoint:
+        backend = EndpointBackend(args.endpoint, args.model_name, args.api_key)
+    else:
+        backend = LocalBackend(args.model)
+    chat_loop(backend, args.image, max_tokens=args.max_tokens, temperature=args.temperature)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-platform", description="Train and serve LLaVA-style models.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_data(sub)
     _add_model(sub)
+    _add_chat(sub)
     demo = sub.add_parser("demo", help="the end-to-end demo on the embedded default (local, CPU)")
     demo.add_argument("--workdir", default="demo_run", help="where data, models and runs go (default demo_run/)")
     demo.add_argument("--n", type=int, default=400, help="synthetic training scenes (default 400)")
