@@ -120,43 +120,86 @@ class VisionEncoder:
 
 @serve.deployment(name="LanguageModel")
 class LanguageModel:
-    """Prompt ids + image embeddings -> streamed text. Concurrent requests decode together in one
-    batch (``@serve.batch`` over an async generator: one list of step outputs per decode step)."""
+    """Prompt ids + image embeddings -> text, streamed (``generate``) or whole (``complete``).
+
+    Concurrent calls decode together. ``@serve.batch`` groups calls that arrive within
+    ``batch_wait_timeout_s``; it forms its next group while a decode runs, so groups that wait are
+    merged here into one decode batch of up to ``max_batch_size`` rows when the running one ends.
+    """
 
     def __init__(self, args: ServeConfig):
         model, processor = _load(args)
         self.decoder = Decoder(drop_modules(model, "language"), processor.tokenizer)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.max_rows = args.max_batch_size
+        self.waiting: list[tuple[list[tuple[DecodeRequest, list[torch.Tensor]]], asyncio.Queue]] = []
+        self.driver: asyncio.Task | None = None
         self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch": 0}
         self.health = _Unhealthy()
         self._decode_batch.set_max_batch_size(args.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
     async def generate(self, request: DecodeRequest, *features: torch.Tensor) -> AsyncIterator[StepOutput]:
-        """Stream one request's output (call with ``.options(stream=True)``)."""
+        """Stream one request's output, piece by piece (call with ``.options(stream=True)``).
+
+        Raises:
+            ValueError: the prompt's image tokens do not match the embeddings given.
+        """
+        self.decoder.check(request, features)
         self.counts["requests"] += 1
         async for out in self._decode_batch((request, list(features))):
             if out.text or out.finish_reason:
                 yield out
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def complete(self, request: DecodeRequest, *features: torch.Tensor) -> StepOutput:
+        """One request's whole output in one reply (no per-token messages between replicas)."""
+        text, last = "", StepOutput("", 0, "stop")
+        async for out in self.generate(request, *features):
+            text, last = text + out.text, out
+        return StepOutput(text, last.completion_tokens, last.finish_reason, last.batch_rows)
+
+    # Ray may hand over several groups at once; the merge below keeps them in one decode.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
     async def _decode_batch(self, items: list[tuple[DecodeRequest, list[torch.Tensor]]]) -> AsyncIterator[list[Any]]:
-        self.counts["batches"] += 1
-        self.counts["rows"] += len(items)
-        self.counts["max_batch"] = max(self.counts["max_batch"], len(items))
-        loop = asyncio.get_running_loop()
-        steps = self.decoder.stream([r for r, _ in items], [f for _, f in items])
+        queue: asyncio.Queue = asyncio.Queue()
+        self.waiting.append((items, queue))
+        if self.driver is None or self.driver.done():
+            self.driver = asyncio.create_task(self._drive())
         while True:
-            try:
-                step = await loop.run_in_executor(self.pool, next, steps, None)
-            except ValueError:
-                raise  # inputs that do not fit together: the callers' error, not the replica's
-            except Exception as e:
-                self.health.reason = f"decoding failed: {type(e).__name__}: {e}"
-                raise
+            step = await queue.get()
             if step is None:
                 return
-            yield [StopIteration if out is None else out for out in step]
+            if isinstance(step, BaseException):
+                raise step
+            yield step
+
+    async def _drive(self) -> None:
+        """Decode waiting groups, as many rows together as allowed, until none wait."""
+        loop = asyncio.get_running_loop()
+        while self.waiting:
+            take, rows = [], 0
+            while self.waiting and (not take or rows + len(self.waiting[0][0]) <= self.max_rows):
+                entry = self.waiting.pop(0)
+                take.append(entry)
+                rows += len(entry[0])
+            items = [item for group, _ in take for item in group]
+            self.counts["batches"] += 1
+            self.counts["rows"] += len(items)
+            self.counts["max_batch"] = max(self.counts["max_batch"], len(items))
+            try:
+                steps = self.decoder.stream([r for r, _ in items], [f for _, f in items])
+                while (step := await loop.run_in_executor(self.pool, next, steps, None)) is not None:
+                    marked = [StopIteration if out is None else out for out in step]
+                    i = 0
+                    for group, queue in take:
+                        queue.put_nowait(marked[i:i + len(group)])
+                        i += len(group)
+                for _, queue in take:
+                    queue.put_nowait(None)
+            except Exception as e:
+                self.health.reason = f"decoding failed: {type(e).__name__}: {e}"
+                for _, queue in take:
+                    queue.put_nowait(e)
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (``max_batch``: the most rows that decoded together)."""
@@ -237,16 +280,20 @@ class Gateway:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
 
-    async def _stream(self, req: DecodeRequest, prompt: inputs.Prompt) -> AsyncIterator[StepOutput]:
-        """The language model's output; if a replica dies before anything was produced (it was
-        killed, or its node went away), the request is sent once more to the replicas that remain."""
+    async def _call(self, req: DecodeRequest, prompt: inputs.Prompt, stream: bool) -> AsyncIterator[StepOutput]:
+        """The language model's output (streamed pieces, or one whole result). If a replica dies
+        before anything was produced (killed, or its node went away), the request goes once more to
+        the replicas that remain."""
         for attempt in range(2):
             produced = False
             try:
                 feats = [self.encoder.encode.remote(img.key, img.pixels) for img in prompt.images]
-                async for out in self.llm.generate.options(stream=True).remote(req, *feats):
-                    produced = True
-                    yield out
+                if stream:
+                    async for out in self.llm.generate.options(stream=True).remote(req, *feats):
+                        produced = True
+                        yield out
+                else:
+                    yield await self.llm.complete.remote(req, *feats)
                 return
             except Exception as e:
                 gone = type(e).__name__ in _REPLICA_GONE or any(n in repr(e) for n in _REPLICA_GONE)
@@ -282,13 +329,10 @@ class Gateway:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(self._sse(req, prompt, cid, created, n_prompt, include_usage),
                                      media_type="text/event-stream")
-        text, last = "", None
-        async for out in self._stream(req, prompt):
-            text += out.text
-            last = out
-        finish = last.finish_reason if last else "stop"
-        n_completion = last.completion_tokens if last else 0
-        return completion_body(cid, self.model_name, text, finish or "stop", n_prompt, n_completion, created)
+        async for out in self._call(req, prompt, stream=False):
+            return completion_body(cid, self.model_name, out.text, out.finish_reason or "stop", n_prompt,
+                                   out.completion_tokens, created)
+        raise ApiError(503, "the language model returned nothing; retry", code="replica_unavailable")
 
     async def _sse(self, req: DecodeRequest, prompt: inputs.Prompt, cid: str, created: int, n_prompt: int,
                    include_usage: bool) -> AsyncIterator[str]:
@@ -298,7 +342,7 @@ class Gateway:
         yield event(chunk_body(cid, self.model_name, created, {"role": "assistant", "content": ""}))
         n_completion = 0
         try:
-            async for out in self._stream(req, prompt):
+            async for out in self._call(req, prompt, stream=True):
                 n_completion = out.completion_tokens
                 delta = {"content": out.text} if out.text else {}
                 yield event(chunk_body(cid, self.model_name, created, delta, out.finish_reason))

@@ -169,6 +169,17 @@ class Decoder:
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
 
+    def check(self, request: DecodeRequest, features: Sequence[torch.Tensor]) -> None:
+        """Refuse a request whose image tokens and embeddings differ in number (before it joins a batch).
+
+        Raises:
+            ValueError: they differ.
+        """
+        slots = sum(1 for t in request.input_ids if t == self.image_token_id)
+        n_feat = sum(f.shape[0] for f in features)
+        if slots != n_feat:
+            raise ValueError(f"the prompt has {slots} image token(s) but {n_feat} image embedding(s) were given")
+
     def _row_embeddings(self, input_ids: list[int], features: Sequence[torch.Tensor]) -> torch.Tensor:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         x = self.embed(ids)
