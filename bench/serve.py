@@ -161,8 +161,8 @@ def main() -> None:
     parser.add_argument("--load-concurrency", type=int, default=32, help="concurrency of the load test (default 32)")
     parser.add_argument("--llm-cpus", type=float, default=1,
                         help="CPUs the LanguageModel replica reserves; Ray sets its torch threads from it (default 1)")
-    parser.add_argument("--batch-wait", type=float, default=0.01,
-                        help="LanguageModel batch_wait_timeout_s (default 0.01, as serve_config.yaml)")
+    parser.add_argument("--batch-wait", type=float, default=0.0,
+                        help="LanguageModel batch_wait_timeout_s (default 0, as serve_config.yaml)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

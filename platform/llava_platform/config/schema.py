@@ -221,10 +221,14 @@ class ServeConfig(StrictModel):
     allowed_image_hosts: list[str] = []
     # Projected image embeddings kept per VisionEncoder replica, keyed by the image's content hash.
     encoder_cache_size: int = Field(1024, ge=0)
+    # Images encoded together, and how long a VisionEncoder batch waits to fill (0: take what is queued).
     encoder_batch_size: int = Field(16, gt=0)
-    # Requests that decode together in one LanguageModel batch, and how long a batch waits to fill.
+    encoder_batch_wait_timeout_s: float = Field(0.0, ge=0)
+    # Rows that decode together in the LanguageModel, and how long @serve.batch waits to group new
+    # calls. With continuous batching, calls that arrive during a decode join it at the next step
+    # anyway, so a wait only adds latency (measured: bench/serve.py --batch-wait).
     max_batch_size: int = Field(16, gt=0)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
 
 
 class JudgeConfig(StrictModel):

@@ -76,6 +76,7 @@ class VisionEncoder:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self.health = _Unhealthy()
         self._encode_batch.set_max_batch_size(args.encoder_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(args.encoder_batch_wait_timeout_s)
 
     async def encode(self, key: str, pixels: np.ndarray) -> torch.Tensor:
         """The ``[num_tokens, hidden]`` embeddings of one prepared image (``key``: content hash)."""
@@ -122,9 +123,10 @@ class VisionEncoder:
 class LanguageModel:
     """Prompt ids + image embeddings -> text, streamed (``generate``) or whole (``complete``).
 
-    Concurrent calls decode together. ``@serve.batch`` groups calls that arrive within
-    ``batch_wait_timeout_s``; it forms its next group while a decode runs, so groups that wait are
-    merged here into one decode batch of up to ``max_batch_size`` rows when the running one ends.
+    Concurrent calls decode together. ``@serve.batch`` groups the calls that arrive within
+    ``batch_wait_timeout_s``; each group is prefilled and joins the batch that is already decoding
+    at the next step (continuous batching, up to ``max_batch_size`` rows), and a finished row leaves
+    at once. So a request never waits for another request's whole answer.
     """
 
     def __init__(self, args: ServeConfig):
@@ -158,7 +160,7 @@ class LanguageModel:
             text, last = text + out.text, out
         return StepOutput(text, last.completion_tokens, last.finish_reason, last.batch_rows)
 
-    # Ray may hand over several groups at once; the merge below keeps them in one decode.
+    # Ray forms the next group while earlier ones decode; _drive merges them all into one batch.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
     async def _decode_batch(self, items: list[tuple[DecodeRequest, list[torch.Tensor]]]) -> AsyncIterator[list[Any]]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -174,32 +176,57 @@ class LanguageModel:
             yield step
 
     async def _drive(self) -> None:
-        """Decode waiting groups, as many rows together as allowed, until none wait."""
+        """Continuous batching: between decode steps, waiting calls are prefilled and join the
+        running batch (up to ``max_batch_size`` rows); finished rows leave it at once."""
         loop = asyncio.get_running_loop()
-        while self.waiting:
-            take, rows = [], 0
-            while self.waiting and (not take or rows + len(self.waiting[0][0]) <= self.max_rows):
-                entry = self.waiting.pop(0)
-                take.append(entry)
-                rows += len(entry[0])
-            items = [item for group, _ in take for item in group]
-            self.counts["batches"] += 1
-            self.counts["rows"] += len(items)
-            self.counts["max_batch"] = max(self.counts["max_batch"], len(items))
+        batch = None
+        groups: dict[int, dict[str, Any]] = {}
+        next_id = 0
+
+        def fail(ids: list[int], error: Exception) -> None:
+            for gid in ids:
+                groups.pop(gid)["queue"].put_nowait(error)
+
+        while self.waiting or (batch is not None and batch.rows):
+            room = self.max_rows - (len(batch.rows) if batch is not None else 0)
+            if self.waiting and room > 0:
+                admitted, reqs, feats, tags = [], [], [], []
+                while self.waiting and (not admitted or len(self.waiting[0][0]) <= room - len(reqs)):
+                    items, queue = self.waiting.pop(0)
+                    gid, next_id = next_id, next_id + 1
+                    groups[gid] = {"queue": queue, "n": len(items), "done": 0}
+                    admitted.append(gid)
+                    for k, (req, feat) in enumerate(items):
+                        reqs.append(req)
+                        feats.append(feat)
+                        tags.append((gid, k))
+                try:
+                    new = await loop.run_in_executor(self.pool, self.decoder.start, reqs, feats, tags)
+                    batch = new if batch is None else await loop.run_in_executor(self.pool, self.decoder.join, batch, new)
+                except Exception as e:
+                    if not isinstance(e, ValueError):
+                        self.health.reason = f"prefill failed: {type(e).__name__}: {e}"
+                    fail(admitted, e)
+                    continue
+                self.counts["batches"] += 1
+                self.counts["rows"] += len(reqs)
+                self.counts["max_batch"] = max(self.counts["max_batch"], len(batch.rows))
             try:
-                steps = self.decoder.stream([r for r, _ in items], [f for _, f in items])
-                while (step := await loop.run_in_executor(self.pool, next, steps, None)) is not None:
-                    marked = [StopIteration if out is None else out for out in step]
-                    i = 0
-                    for group, queue in take:
-                        queue.put_nowait(marked[i:i + len(group)])
-                        i += len(group)
-                for _, queue in take:
-                    queue.put_nowait(None)
+                outs = await loop.run_in_executor(self.pool, self.decoder.step, batch)
             except Exception as e:
                 self.health.reason = f"decoding failed: {type(e).__name__}: {e}"
-                for _, queue in take:
-                    queue.put_nowait(e)
+                fail(list(groups), e)
+                batch = None
+                continue
+            lists: dict[int, list[Any]] = {}
+            for (gid, k), out in outs:
+                group = groups[gid]
+                lists.setdefault(gid, [StopIteration] * group["n"])[k] = out
+                group["done"] += out.finish_reason is not None
+            for gid, entries in lists.items():
+                groups[gid]["queue"].put_nowait(entries)
+                if groups[gid]["done"] == groups[gid]["n"]:
+                    groups.pop(gid)["queue"].put_nowait(None)
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (``max_batch``: the most rows that decoded together)."""

@@ -107,10 +107,12 @@ class StepOutput:
 
 
 class _Row:
-    """Per-row decoding state: generated ids, text streamed so far, stop handling."""
+    """Per-row decoding state: generated ids, text streamed so far, stop handling; ``tag`` is the
+    caller's handle on the row."""
 
-    def __init__(self, req: DecodeRequest, tokenizer: Any, eos_ids: set[int]):
+    def __init__(self, req: DecodeRequest, tokenizer: Any, eos_ids: set[int], tag: Any = None):
         self.req = req
+        self.tag = tag
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.ids: list[int] = []
@@ -151,11 +153,25 @@ class _Row:
         return text[: len(text) - hold]
 
 
+@dataclass
+class Batch:
+    """Rows decoding together: their KV cache, attention mask (left padding is 0), next positions,
+    and the logits their next tokens are chosen from."""
+
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    logits: torch.Tensor
+
+
 class Decoder:
     """Batched decoding from prompt ids + image embeddings with a KV cache.
 
     Rows are left-padded to one length; positions follow the attention mask, so each row computes
     what it would alone. Each row samples with its own temperature/top-p and seeded generator.
+    New rows can join a running batch between steps (:meth:`join`) and finished rows leave it, so a
+    server never makes new requests wait for a whole batch to finish.
     """
 
     def __init__(self, model: Any, tokenizer: Any):
@@ -207,15 +223,15 @@ class Decoder:
         return greedy
 
     @torch.inference_mode()
-    def stream(self, requests: Sequence[DecodeRequest],
-               features: Sequence[Sequence[torch.Tensor]]) -> Iterator[list[StepOutput | None]]:
-        """Decode a batch; yields one list per step with a :class:`StepOutput` for every row still
-        running (``None`` for rows already finished). Ends when every row has finished.
+    def start(self, requests: Sequence[DecodeRequest], features: Sequence[Sequence[torch.Tensor]],
+              tags: Sequence[Any] | None = None) -> "Batch":
+        """Prefill a new batch (rows left-padded to one length); its first tokens come from :meth:`step`.
 
         Raises:
             ValueError: a row's image tokens and embeddings do not match in number.
         """
-        rows = [_Row(r, self.tokenizer, self.eos_ids) for r in requests]
+        tags = list(range(len(requests))) if tags is None else list(tags)
+        rows = [_Row(r, self.tokenizer, self.eos_ids, tag) for r, tag in zip(requests, tags)]
         embeds = [self._row_embeddings(r.input_ids, f) for r, f in zip(requests, features)]
         n, longest = len(embeds), max(e.shape[0] for e in embeds)
         x = torch.zeros(n, longest, embeds[0].shape[-1], dtype=embeds[0].dtype, device=self.device)
@@ -225,25 +241,72 @@ class Decoder:
             mask[i, longest - e.shape[0]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache, next_pos = out.past_key_values, positions[:, -1:] + 1
-        logits = out.logits[:, -1].float()
-        while True:
-            tokens = self._choose(logits, rows)
-            step: list[StepOutput | None] = []
-            for row, tok in zip(rows, tokens):
-                out = None if row.done else row.push(tok)
-                if out is not None:
-                    out.batch_rows = n
-                step.append(out)
-            yield step
-            if all(row.done for row in rows):
-                return
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long, device=self.device)], dim=1)
-            x = self.embed(torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None])
-            out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
-            cache, next_pos = out.past_key_values, next_pos + 1
-            logits = out.logits[:, -1].float()
+        return Batch(rows, out.past_key_values, mask, positions[:, -1:] + 1, out.logits[:, -1].float())
+
+    @torch.inference_mode()
+    def join(self, batch: "Batch", new: "Batch") -> "Batch":
+        """Merge a freshly prefilled batch into a running one (continuous batching): the shorter KV
+        cache and mask are padded on the left, so every row keeps attending to exactly its own tokens."""
+        if not batch.rows:
+            return new
+        la, lb = batch.mask.shape[1], new.mask.shape[1]
+        width = max(la, lb)
+
+        def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+            if length == width:
+                return t
+            shape = list(t.shape)
+            shape[dim] = width - length
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for la_layer, lb_layer in zip(batch.cache.layers, new.cache.layers):
+            la_layer.keys = torch.cat([left_pad(la_layer.keys, la, 2), left_pad(lb_layer.keys, lb, 2)])
+            la_layer.values = torch.cat([left_pad(la_layer.values, la, 2), left_pad(lb_layer.values, lb, 2)])
+        batch.mask = torch.cat([left_pad(batch.mask, la, 1), left_pad(new.mask, lb, 1)])
+        batch.next_pos = torch.cat([batch.next_pos, new.next_pos])
+        batch.logits = torch.cat([batch.logits, new.logits])
+        batch.rows = batch.rows + new.rows
+        return batch
+
+    @torch.inference_mode()
+    def step(self, batch: "Batch") -> list[tuple[Any, StepOutput]]:
+        """Emit one token for every row (``(tag, output)`` pairs), drop the rows that finished, and run
+        the forward pass that gives the next tokens' logits."""
+        tokens = self._choose(batch.logits, batch.rows)
+        outs = []
+        for row, tok in zip(batch.rows, tokens):
+            out = row.push(tok)
+            out.batch_rows = len(batch.rows)
+            outs.append((row.tag, out))
+        keep = [i for i, row in enumerate(batch.rows) if not row.done]
+        if len(keep) < len(batch.rows):
+            batch.rows = [batch.rows[i] for i in keep]
+            if not keep:
+                return outs
+            index = torch.tensor(keep, device=self.device)
+            batch.cache.batch_select_indices(index)
+            batch.mask, batch.next_pos = batch.mask[index], batch.next_pos[index]
+            tokens = [tokens[i] for i in keep]
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(keep), 1)], dim=1)
+        x = self.embed(torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None])
+        out = self.model(inputs_embeds=x, attention_mask=batch.mask, position_ids=batch.next_pos,
+                         past_key_values=batch.cache, use_cache=True)
+        batch.cache, batch.next_pos = out.past_key_values, batch.next_pos + 1
+        batch.logits = out.logits[:, -1].float()
+        return outs
+
+    def stream(self, requests: Sequence[DecodeRequest],
+               features: Sequence[Sequence[torch.Tensor]]) -> Iterator[list[StepOutput | None]]:
+        """Decode a batch; yields one list per step with a :class:`StepOutput` for every row still
+        running (``None`` for rows already finished). Ends when every row has finished.
+
+        Raises:
+            ValueError: a row's image tokens and embeddings do not match in number.
+        """
+        batch = self.start(requests, features)
+        while batch.rows:
+            outs = dict(self.step(batch))
+            yield [outs.get(i) for i in range(len(requests))]
 
     def generate(self, requests: Sequence[DecodeRequest],
                  features: Sequence[Sequence[torch.Tensor]]) -> list[tuple[str, int, str]]:

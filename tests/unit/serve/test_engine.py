@@ -105,3 +105,29 @@ def test_drop_modules_keeps_each_half_working(loaded, tiny_model_dir):
     assert Decoder(language, processor.tokenizer).generate([DecodeRequest(ids, 4)], [feats])[0][1] == 4
     with pytest.raises(ValueError, match="keep"):
         drop_modules(model, "both")
+
+
+def test_rows_joining_and_leaving_a_running_batch_decode_as_they_would_alone(loaded):
+    """Continuous batching: a row that joins after some steps, and rows that finish early and
+    leave, must not change any row's tokens."""
+    model, processor, spec = loaded
+    encoder, decoder = ImageEncoderCore(model, spec), Decoder(model, processor.tokenizer)
+    cases = [("red", "What colour?", 14), ("blue", "Describe the picture in detail please.", 3),
+             ("green", "shape?", 9), (None, "hello there", 6)]
+    solo, reqs, feats = [], [], []
+    for colour, text, n in cases:
+        messages, ids = _prompt(loaded, text, colour is not None)
+        images = [png(colour)] if colour else []
+        reqs.append(DecodeRequest(ids, n))
+        feats.append(encoder([spec.prepare(b, 10**7) for b in images]) if images else [])
+        solo.append(reference_greedy(model, processor, spec, messages, images, n))
+    texts = {i: "" for i in range(4)}
+    batch = decoder.start(reqs[:2], feats[:2], tags=[0, 1])
+    for step in range(20):
+        if step == 2:  # two rows join a running batch, one of them with a longer prompt
+            batch = decoder.join(batch, decoder.start(reqs[2:], feats[2:], tags=[2, 3]))
+        if not batch.rows:
+            break
+        for tag, out in decoder.step(batch):
+            texts[tag] += out.text
+    assert [texts[i] for i in range(4)] == solo
