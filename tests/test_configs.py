@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from llava_platform.config import PreprocessJobConfig, TrainJobConfig, load_config
+from llava_platform.config import EvalJobConfig, PreprocessJobConfig, TrainJobConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-KINDS = {"preprocess": PreprocessJobConfig, "pretrain": TrainJobConfig, "finetune": TrainJobConfig}
+KINDS = {"preprocess": PreprocessJobConfig, "pretrain": TrainJobConfig, "finetune": TrainJobConfig,
+         "evaluate": EvalJobConfig}
 
 
 def kind_of(path: Path):

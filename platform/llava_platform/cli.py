@@ -150,12 +150,39 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluate a model on a model_vqa question file (Ray Data, scores, blind baseline)",
+                        description="Flags and config keys are equivalent; --set reaches any other key.")
+    ev.add_argument("--config", help="YAML config (jobs/configs/evaluate_*.yaml)")
+    ev.add_argument("--model", help="model to evaluate: local dir, s3://, models:/name/version, runs:/id/export")
+    ev.add_argument("--questions", help="model_vqa question file (JSONL: question_id, image, text, category)")
+    ev.add_argument("--image-root", help="directory (or s3:// prefix) the questions' images are in")
+    ev.add_argument("--answers-key", help="JSONL of {question_id, answer, category} to score against")
+    ev.add_argument("--out", help="output directory for answers, scores and the chart")
+    ev.add_argument("--no-blind", action="store_true", help="skip the blind (image withheld) baseline")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
+    ev.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from llava_platform.config import EvalJobConfig, load_config
+    from llava_platform.eval.evaluate import run_evaluation
+
+    flags = {"model.checkpoint": args.model, "eval.questions": args.questions, "eval.image_root": args.image_root,
+             "eval.answers_key": args.answers_key, "eval.output_dir": args.out,
+             "eval.blind_baseline": "false" if args.no_blind else None}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
+    run_evaluation(load_config(args.config, EvalJobConfig, overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-platform", description="Train and serve LLaVA-style models.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_data(sub)
     _add_model(sub)
     _add_chat(sub)
+    _add_eval(sub)
     demo = sub.add_parser("demo", help="the end-to-end demo on the embedded default (local, CPU)")
     demo.add_argument("--workdir", default="demo_run", help="where data, models and runs go (default demo_run/)")
     demo.add_argument("--n", type=int, default=400, help="synthetic training scenes (default 400)")

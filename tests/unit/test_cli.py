@@ -35,3 +35,12 @@ def test_console_script_is_installed():
     assert exe.is_file(), f"the llava-platform console script is not installed in {exe.parent}"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "data" in out.stdout and "model" in out.stdout
+
+
+def test_eval_flags_map_to_config_keys_and_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", "--questions", str(tmp_path / "q.jsonl"), "--out", "o", "--model", "m"]) == 2
+    assert "missing required key `eval.image_root`" in capsys.readouterr().err
+    assert main(["eval", "--questions", str(tmp_path / "q.jsonl"), "--image-root", "i", "--out", "o",
+                 "--model", "m", "--no-blind", "--set", "eval.batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the question file" in err and "q.jsonl" in err and "Traceback" not in err

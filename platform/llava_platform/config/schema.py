@@ -246,11 +246,18 @@ class EvalConfig(StrictModel):
     image_root: str
     answers_key: str | None = None
     output_dir: str
-    template: TemplateName = "llava_v1"
+    # The prompt format; None: the model's own chat template (llava_v1 for our exports).
+    template: TemplateName | None = None
     max_new_tokens: int = Field(16, gt=0)
+    # Questions per generate call in each actor (they decode together, greedy).
     batch_size: int = Field(16, gt=0)
+    # Model actors in the Ray Data pool; each holds one copy of the model.
     num_actors: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    # One GPU per actor on a cluster.
     use_gpu: bool = False
+    image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
+    max_image_pixels: int = Field(89_478_485, gt=0)
     # Also answer every question with the image withheld (the "blind" baseline).
     blind_baseline: bool = True
     judge: JudgeConfig | None = None

@@ -164,9 +164,12 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
 class PromptBuilder:
     """Renders and tokenizes conversations for one model and checks them against its context."""
 
-    def __init__(self, processor: Any, model_config: Any, spec: ImageSpec, limits: Limits):
+    def __init__(self, processor: Any, model_config: Any, spec: ImageSpec, limits: Limits, template: str | None = None):
+        """``template``: a named conversation template (``llava_v1``, ``plain``) instead of the
+        model's own chat template (which, when the model has none, defaults to ``llava_v1``)."""
         self.tokenizer = processor.tokenizer
-        self.template = getattr(processor, "chat_template", None) or chat_template("llava_v1")
+        own = getattr(processor, "chat_template", None)
+        self.template = chat_template(template) if template else (own or chat_template("llava_v1"))
         self.image_token_id = model_config.image_token_id
         self.context_length = int(model_config.text_config.max_position_embeddings)
         self.spec = spec

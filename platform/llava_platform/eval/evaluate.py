@@ -1,0 +1,210 @@
+"""The evaluation job: questions -> answers (Ray Data) -> scores, blind baseline, optional LLM judge ->
+files in ``output_dir`` and an MLflow run nested under the evaluated model's training run.
+
+    python jobs/evaluate.py --config jobs/configs/eval_smoke.yaml
+    llava-platform eval --model demo_run/models/finetune --questions data/eval/questions.jsonl ...
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from llava_platform import storage
+from llava_platform.config.schema import EvalJobConfig, ModelSpec, StorageConfig
+from llava_platform.eval.generate import EvalError, generate_answers, read_jsonl, read_questions
+from llava_platform.eval.judge import JudgeSummary, review_answers
+from llava_platform.eval.scoring import Scores, score_answers
+
+ANSWER_FIELDS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
+
+
+@dataclass
+class EvalResult:
+    scores: Scores | None
+    judge: JudgeSummary | None
+    output_dir: str
+    answers: int
+    errors: int
+    mlflow_run_id: str | None
+    seconds: float
+
+    def summary(self) -> str:
+        lines = [f"[eval] {self.answers} answers in {self.seconds:.0f}s ({self.errors} with errors) -> {self.output_dir}"]
+        if self.scores is not None:
+            lines.append(self.scores.table())
+            if self.scores.pope is not None:
+                p = self.scores.pope
+                lines.append(f"yes/no (POPE): accuracy {p.accuracy:.1%}, precision {p.precision:.1%}, "
+                             f"recall {p.recall:.1%}, F1 {p.f1:.1%}, yes-ratio {p.yes_ratio:.1%}")
+        if self.judge is not None:
+            m = self.judge.metrics()
+            lines.append(f"judge: relative score {m.get('judge.relative_score', float('nan')):.1f} "
+                         f"({int(m['judge.unparsed'])} of {int(m['judge.reviews'])} reviews unparsed)")
+        if self.mlflow_run_id:
+            lines.append(f"MLflow run: {self.mlflow_run_id}")
+        return "\n".join(lines)
+
+
+def model_id_of(spec: ModelSpec) -> str:
+    if spec.checkpoint is None:
+        return f"preset-{spec.preset}" if spec.preset else "composed"
+    return spec.checkpoint.rstrip("/").split("/")[-1] if not spec.checkpoint.startswith("models:/") \
+        else spec.checkpoint[len("models:/"):].replace("/", "-v")
+
+
+def lineage_run_id(spec: ModelSpec, storage_config: StorageConfig | None = None) -> str | None:
+    """The MLflow run that produced the evaluated model: from a ``runs:/`` URI, a registered
+    version's run, or the export's ``training_info.json``; None when unknown."""
+    uri = spec.checkpoint
+    if uri is None:
+        return None
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/")[0]
+    if uri.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        name, _, version = uri[len("models:/"):].partition("/")
+        try:
+            return MlflowClient().get_model_version(name, version).run_id
+        except Exception:  # MlflowException: no such version on this server
+            return None
+    try:
+        info = json.loads(storage.read_bytes(storage.join(uri, "training_info.json"), storage_config))
+        return info.get("mlflow_run_id")
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def accuracy_chart(scores: Scores, path: str, title: str) -> None:
+    """Bar chart (PNG) of accuracy by category, the model beside its blind baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = [r.category for r in scores.rows] + ["all"]
+    model = [r.accuracy for r in scores.rows] + [scores.accuracy]
+    blind = [r.blind_accuracy or 0.0 for r in scores.rows] + [scores.blind_accuracy or 0.0]
+    xs = range(len(cats))
+    fig, ax = plt.subplots(figsize=(1.3 * len(cats) + 2, 4))
+    ax.bar([x - 0.2 for x in xs], model, width=0.4, label="model (with image)")
+    if scores.blind_accuracy is not None:
+        ax.bar([x + 0.2 for x in xs], blind, width=0.4, label="blind (image withheld)")
+    ax.set_xticks(list(xs), cats)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _write_outputs(out_dir: str, files: dict[str, bytes], storage_config: StorageConfig | None) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(out_dir, name), data, storage_config)
+
+
+def run_evaluation(job: EvalJobConfig) -> EvalResult:
+    """Generate, score, review and log one evaluation.
+
+    Raises:
+        EvalError: unreadable inputs, or an answer key that covers none of the questions.
+    """
+    from llava_platform.ray_utils import init_ray
+    from llava_platform.train.tracking import RunLogger, ensure_run, flatten, tracking_uri
+
+    t0 = time.time()
+    cfg, st = job.eval, job.storage
+    questions = read_questions(cfg.questions, st)
+    key = None
+    if cfg.answers_key:
+        key = {str(r["question_id"]): r for r in read_jsonl(cfg.answers_key, st, "answer key")}
+        asked = {str(q["question_id"]) for q in questions}
+        key = {qid: row for qid, row in key.items() if qid in asked}
+        if not key:
+            raise EvalError(f"the answer key {cfg.answers_key} covers none of the {len(questions)} questions")
+        bad = [qid for qid, row in key.items() if "answer" not in row]
+        if bad:
+            raise EvalError(f"the answer key {cfg.answers_key} has no `answer` for question {bad[0]}")
+    uri = tracking_uri(job.tracking)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    init_ray()
+    model_id = model_id_of(job.model)
+    print(f"[eval] {len(questions)} questions, model {model_id}, {cfg.num_actors} actor(s), batch {cfg.batch_size}"
+          + (", with the blind baseline" if cfg.blind_baseline else ""), flush=True)
+    rows = generate_answers(questions, job.model, cfg, st, model_id, uri)
+    answers = [r for r in rows if r["mode"] == "image"]
+    blind = [r for r in rows if r["mode"] == "blind"] if cfg.blind_baseline else None
+    errors = [r for r in rows if r["error"]]
+    scores = score_answers(answers, key, blind) if key else None
+    judge = None
+    if cfg.judge is not None and key:
+        by_id = {str(q["question_id"]): q for q in questions}
+        items = [{"question_id": a["question_id"], "category": a["category"], "question": by_id[a["question_id"]]["text"],
+                  "reference": key[a["question_id"]]["answer"] if isinstance(key[a["question_id"]]["answer"], str)
+                  else key[a["question_id"]]["answer"][0], "answer": a["text"]}
+                 for a in answers if a["question_id"] in key]
+        api_key = cfg.judge.api_key.get_secret_value() if cfg.judge.api_key else os.environ.get("OPENAI_API_KEY")
+        judge = review_answers(items, cfg.judge.base_url, cfg.judge.model, api_key)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files: dict[str, bytes] = {"answers.jsonl": _jsonl([{k: r[k] for k in ANSWER_FIELDS} for r in answers])}
+        if blind is not None:
+            files["answers_blind.jsonl"] = _jsonl([{k: r[k] for k in ANSWER_FIELDS} for r in blind])
+        if errors:
+            files["errors.jsonl"] = _jsonl([{"question_id": r["question_id"], "mode": r["mode"], "error": r["error"]}
+                                            for r in errors])
+        metrics: dict[str, float] = {"answers": float(len(answers)), "answer_errors": float(len(errors))}
+        if scores is not None:
+            metrics.update(scores.metrics())
+            files["per_category.md"] = (scores.table() + "\n").encode()
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            writer.writerow(["category", "questions", "accuracy", "blind_accuracy"])
+            for r in scores.rows:
+                writer.writerow([r.category, r.n, f"{r.accuracy:.4f}",
+                                 "" if r.blind_accuracy is None else f"{r.blind_accuracy:.4f}"])
+            files["per_category.csv"] = buf.getvalue().encode()
+            chart = os.path.join(tmp, "accuracy_by_category.png")
+            accuracy_chart(scores, chart, f"{model_id}: accuracy by category")
+            with open(chart, "rb") as f:
+                files["accuracy_by_category.png"] = f.read()
+        if judge is not None:
+            metrics.update(judge.metrics())
+            files["reviews.jsonl"] = _jsonl([r.__dict__ for r in judge.reviews])
+        files["scores.json"] = json.dumps(metrics, indent=2).encode()
+        _write_outputs(cfg.output_dir, files, st)
+
+        parent = lineage_run_id(job.model, st)
+        tags = {"llava_platform.kind": "evaluation", "evaluated_model": job.model.checkpoint or model_id}
+        if parent:
+            tags.update({"mlflow.parentRunId": parent, "evaluated_run_id": parent})
+        run_key = f"eval:{job.model.checkpoint or model_id}:{cfg.questions}:{time.time_ns()}"
+        params = flatten(job.model_dump(mode="json", exclude={"tracking": True}))
+        run_id = ensure_run(job.tracking, uri, run_key, f"eval-{model_id}", params, tags)
+        logger = RunLogger(uri, run_id)
+        logger.metrics(metrics, step=0)
+        local = os.path.join(tmp, "eval")
+        os.makedirs(local)
+        for name, data in files.items():
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(data)
+        logger.artifacts(local, "eval")
+        logger.finish()
+    result = EvalResult(scores, judge, cfg.output_dir, len(answers), len(errors), run_id, round(time.time() - t0, 1))
+    print(result.summary(), flush=True)
+    return result

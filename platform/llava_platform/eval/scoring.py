@@ -1,0 +1,174 @@
+"""Scorers for generated answers: VQA-style normalised exact match, POPE's yes/no metrics, and the
+per-category table that puts a model beside its blind (image withheld) baseline."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+# The VQA evaluation's normalisation: number words to digits, articles dropped, punctuation removed
+# (a period between digits is kept: 2.5), case folded.
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:|~]")
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+
+
+def normalize_answer(text: str) -> str:
+    """``"Two red Circles."`` -> ``"2 red circles"``."""
+    t = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    t = _THOUSANDS.sub("", t)
+    t = _PERIOD.sub("", _PUNCT.sub(" ", t)).replace("'", "")
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in t.split() if w not in _ARTICLES)
+
+
+def exact_match(prediction: str, references: str | Sequence[str]) -> bool:
+    """Normalised prediction equals any normalised reference."""
+    refs = [references] if isinstance(references, str) else list(references)
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(r) for r in refs)
+
+
+def yes_no(text: str) -> str:
+    """POPE's reading of a free-form answer: the first sentence, ``no`` if it contains the word
+    "no" or "not", else ``yes``."""
+    first = text.split(".")[0].replace(",", " ").lower().split()
+    return "no" if ("no" in first or "not" in first) else "yes"
+
+
+@dataclass
+class PopeScores:
+    """Yes/no metrics with "yes" as the positive class (POPE)."""
+
+    n: int
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    yes_ratio: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"n": self.n, "accuracy": self.accuracy, "precision": self.precision, "recall": self.recall,
+                "f1": self.f1, "yes_ratio": self.yes_ratio}
+
+
+def pope_scores(predictions: Sequence[str], labels: Sequence[str]) -> PopeScores:
+    """POPE metrics for free-form answers against ``yes``/``no`` labels.
+
+    Raises:
+        ValueError: lengths differ or a label is not yes/no.
+    """
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    gold = [normalize_answer(label) for label in labels]
+    if any(g not in ("yes", "no") for g in gold):
+        raise ValueError("POPE labels must be 'yes' or 'no'")
+    pred = [yes_no(p) for p in predictions]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(pred, gold))
+    tn = sum(p == "no" and g == "no" for p, g in zip(pred, gold))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(pred, gold))
+    n = len(gold)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return PopeScores(n, (tp + tn) / n if n else 0.0, precision, recall, f1, (tp + fp) / n if n else 0.0)
+
+
+@dataclass
+class CategoryRow:
+    category: str
+    n: int
+    correct: int
+    blind_correct: int | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def blind_accuracy(self) -> float | None:
+        return None if self.blind_correct is None else (self.blind_correct / self.n if self.n else 0.0)
+
+
+@dataclass
+class Scores:
+    """Everything the scorers computed for one evaluation."""
+
+    rows: list[CategoryRow]
+    pope: PopeScores | None = None
+    blind_pope: PopeScores | None = None
+    unanswered: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return sum(r.n for r in self.rows)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r.correct for r in self.rows) / self.n if self.n else 0.0
+
+    @property
+    def blind_accuracy(self) -> float | None:
+        if any(r.blind_correct is None for r in self.rows):
+            return None
+        return sum(r.blind_correct or 0 for r in self.rows) / self.n if self.n else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metric names for MLflow: ``accuracy``, ``accuracy.<category>``, ``blind_accuracy...``,
+        ``pope.<metric>``."""
+        out: dict[str, float] = {"accuracy": self.accuracy, "questions": float(self.n)}
+        for r in self.rows:
+            out[f"accuracy.{r.category}"] = r.accuracy
+            if r.blind_accuracy is not None:
+                out[f"blind_accuracy.{r.category}"] = r.blind_accuracy
+        if self.blind_accuracy is not None:
+            out["blind_accuracy"] = self.blind_accuracy
+        for prefix, pope in (("pope", self.pope), ("blind_pope", self.blind_pope)):
+            if pope is not None:
+                out.update({f"{prefix}.{k}": float(v) for k, v in pope.as_dict().items() if k != "n"})
+        return out
+
+    def table(self) -> str:
+        """The per-category table in Markdown."""
+        lines = ["| category | questions | model accuracy | blind accuracy |", "| --- | ---: | ---: | ---: |"]
+        for r in self.rows + [CategoryRow("all", self.n, sum(x.correct for x in self.rows),
+                                          None if self.blind_accuracy is None
+                                          else sum(x.blind_correct or 0 for x in self.rows))]:
+            blind = "-" if r.blind_accuracy is None else f"{r.blind_accuracy:.1%}"
+            lines.append(f"| {r.category} | {r.n} | {r.accuracy:.1%} | {blind} |")
+        return "\n".join(lines)
+
+
+def score_answers(answers: Iterable[Mapping[str, Any]], key: Mapping[str, Mapping[str, Any]],
+                  blind: Iterable[Mapping[str, Any]] | None = None, yes_no_category: str = "yes_no") -> Scores:
+    """Score LLaVA-format answers (``question_id``, ``text``) against an answer key
+    (``question_id -> {"answer": str | list, "category": str}``), per category, with the blind
+    baseline's answers beside them when given. Questions in the key without an answer count as wrong
+    and are listed in ``unanswered``.
+    """
+    predicted = {str(a["question_id"]): a["text"] for a in answers}
+    blind_pred = None if blind is None else {str(a["question_id"]): a["text"] for a in blind}
+    rows: dict[str, CategoryRow] = {}
+    yn_pred, yn_blind, yn_gold = [], [], []
+    unanswered = []
+    for qid, entry in key.items():
+        cat = str(entry.get("category", "all"))
+        row = rows.setdefault(cat, CategoryRow(cat, 0, 0, None if blind_pred is None else 0))
+        row.n += 1
+        if qid not in predicted:
+            unanswered.append(qid)
+        row.correct += exact_match(predicted.get(qid, ""), entry["answer"])
+        if blind_pred is not None:
+            row.blind_correct = (row.blind_correct or 0) + exact_match(blind_pred.get(qid, ""), entry["answer"])
+        if cat == yes_no_category:
+            yn_gold.append(entry["answer"] if isinstance(entry["answer"], str) else entry["answer"][0])
+            yn_pred.append(predicted.get(qid, ""))
+            if blind_pred is not None:
+                yn_blind.append(blind_pred.get(qid, ""))
+    pope = pope_scores(yn_pred, yn_gold) if yn_gold else None
+    blind_pope = pope_scores(yn_blind, yn_gold) if yn_gold and blind_pred is not None else None
+    return Scores(sorted(rows.values(), key=lambda r: r.category), pope, blind_pope, unanswered)

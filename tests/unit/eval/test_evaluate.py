@@ -1,0 +1,68 @@
+"""The evaluation job end to end on the session's Ray cluster and a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llava_platform.config.loader import load_config
+from llava_platform.config.schema import EvalJobConfig, ModelSpec
+from llava_platform.eval.evaluate import lineage_run_id, model_id_of, run_evaluation
+from llava_platform.eval.generate import EvalError
+
+
+def _job(model_dir, synth_dir, out, tracking, extra=()):
+    return load_config(None, EvalJobConfig, [
+        f"model.checkpoint={model_dir}", f"eval.questions={synth_dir / 'eval' / 'questions.jsonl'}",
+        f"eval.image_root={synth_dir / 'eval' / 'images'}", f"eval.answers_key={synth_dir / 'eval' / 'answers_key.jsonl'}",
+        f"eval.output_dir={out}", "eval.batch_size=16", "eval.max_new_tokens=4", "eval.cpus_per_actor=0.5",
+        f"tracking.tracking_uri={tracking}", "tracking.experiment=eval-test", *extra])
+
+
+@pytest.mark.ray
+def test_evaluation_writes_answers_scores_chart_and_a_nested_mlflow_run(ray_cluster, mlflow_server, tiny_model_dir,
+                                                                         synth_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.create_experiment("training-for-eval")
+    parent = client.create_run(exp, run_name="stage2").info.run_id
+    model_dir = tmp_path / "export"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "training_info.json").write_text(json.dumps({"mlflow_run_id": parent}))
+
+    result = run_evaluation(_job(model_dir, synth_dir, tmp_path / "out", mlflow_server))
+    questions = (synth_dir / "eval" / "questions.jsonl").read_text().splitlines()
+    assert result.answers == len(questions) == 50 and result.errors == 0
+    out = tmp_path / "out"
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [json.loads(q)["question_id"] for q in questions]
+    assert set(answers[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert len((out / "answers_blind.jsonl").read_text().splitlines()) == 50
+    assert (out / "accuracy_by_category.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| colour | 10 |" in (out / "per_category.md").read_text()
+
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["evaluated_run_id"] == parent
+    assert {"accuracy", "blind_accuracy", "accuracy.colour", "blind_accuracy.shape", "pope.f1"} <= set(run.data.metrics)
+    assert run.data.metrics["accuracy"] == result.scores.accuracy
+    names = {f.path for f in client.list_artifacts(result.mlflow_run_id, "eval")}
+    assert {"eval/accuracy_by_category.png", "eval/per_category.csv", "eval/answers.jsonl",
+            "eval/answers_blind.jsonl", "eval/scores.json"} <= names
+
+
+def test_answer_key_that_covers_no_question_is_refused(synth_dir, tmp_path):
+    key = tmp_path / "key.jsonl"
+    key.write_text(json.dumps({"question_id": "other", "answer": "x"}) + "\n")
+    job = _job("m", synth_dir, tmp_path / "out", f"sqlite:///{tmp_path / 'db'}", [f"eval.answers_key={key}"])
+    with pytest.raises(EvalError, match="covers none"):
+        run_evaluation(job)
+
+
+def test_model_ids_and_lineage(tmp_path):
+    assert model_id_of(ModelSpec(checkpoint="models:/llava/3")) == "llava-v3"
+    assert model_id_of(ModelSpec(checkpoint="/x/models/finetune/")) == "finetune"
+    assert lineage_run_id(ModelSpec(checkpoint="runs:/abc123/export")) == "abc123"
+    assert lineage_run_id(ModelSpec(checkpoint=str(tmp_path))) is None  # no training_info.json
