@@ -118,7 +118,8 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from llava_platform.demo import run_demo
 
-    run_demo(args.workdir, n=args.n, preset=args.preset, steps=args.steps)
+    run_demo(args.workdir, n=args.n, preset=args.preset, steps=args.steps, finetune_steps=args.finetune_steps,
+             n_eval=args.n_eval, serve_port=args.port, wait=not args.no_wait)
     return 0
 
 
@@ -176,6 +177,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `make demo` runs: sized to finish on a 2-core laptop in the time the README states.
+DEMO_DEFAULTS = {"n": 3000, "steps": 100, "finetune_steps": 600}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-platform", description="Train and serve LLaVA-style models.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -185,9 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     demo = sub.add_parser("demo", help="the end-to-end demo on the embedded default (local, CPU)")
     demo.add_argument("--workdir", default="demo_run", help="where data, models and runs go (default demo_run/)")
-    demo.add_argument("--n", type=int, default=400, help="synthetic training scenes (default 400)")
+    demo.add_argument("--n", type=int, default=DEMO_DEFAULTS["n"],
+                      help=f"synthetic training scenes (default {DEMO_DEFAULTS['n']})")
+    demo.add_argument("--n-eval", type=int, default=40, help="held-out scenes, 5 questions each (default 40)")
     demo.add_argument("--preset", default="small", help="model preset: small (default) or tiny")
-    demo.add_argument("--steps", type=int, default=30, help="optimizer steps per stage (default 30)")
+    demo.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"],
+                      help=f"stage-1 optimizer steps (default {DEMO_DEFAULTS['steps']})")
+    demo.add_argument("--finetune-steps", type=int, default=DEMO_DEFAULTS["finetune_steps"],
+                      help=f"stage-2 optimizer steps (default {DEMO_DEFAULTS['finetune_steps']})")
+    demo.add_argument("--port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1 (default 8000)")
+    demo.add_argument("--no-wait", action="store_true", help="remove the Serve app and exit after the demo request")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

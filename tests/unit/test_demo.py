@@ -1,3 +1,6 @@
+import json
+
+import httpx
 import pytest
 from transformers import AutoModelForImageTextToText
 
@@ -6,11 +9,24 @@ from llava_platform.demo import run_demo
 pytestmark = pytest.mark.ray
 
 
-def test_demo_runs_the_pipeline_and_says_what_is_missing(ray_cluster, tmp_path, capsys):
-    facts = run_demo(tmp_path, n=24, preset="tiny", steps=2)
+def test_demo_runs_the_whole_pipeline_and_answers_a_request(ray_cluster, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as sock:  # used only if this test starts Serve (run alone)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    facts = run_demo(tmp_path, n=24, preset="tiny", steps=2, n_eval=4, serve_port=port, wait=False)
     out = capsys.readouterr().out
-    assert "NOT YET PART OF THE DEMO" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out and "llava-platform chat --endpoint" in out
+    assert "| colour | 4 |" in out and "blind accuracy" in out
     assert facts["pretrain"]["prepared"] == 24 and facts["pretrain"]["steps"] == 2
     assert facts["finetune"]["steps"] == 2
+    assert facts["request"]["answer"] is not None and f"A: {facts['request']['answer']!r}" in out
+    assert {"accuracy", "blind_accuracy", "accuracy.colour"} <= set(facts["eval"])
+    assert (tmp_path / "eval" / "accuracy_by_category.png").exists()
+    assert len((tmp_path / "eval" / "answers.jsonl").read_text().splitlines()) == 20
     model = AutoModelForImageTextToText.from_pretrained(facts["finetune"]["export"])
     assert model.config.vision_config.image_size == 32
+    # wait=False removed the demo's app; whatever else runs on Serve is untouched.
+    assert httpx.get(facts["url"] + "/healthz").status_code == 404
+    assert json.loads((tmp_path / "eval" / "scores.json").read_text())["answers"] == 20
