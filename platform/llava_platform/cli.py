@@ -178,7 +178,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # What `make demo` runs: sized to finish on a 2-core laptop in the time the README states.
-DEMO_DEFAULTS = {"n": 3000, "steps": 100, "finetune_steps": 600}
+DEMO_DEFAULTS = {"n": 3000, "steps": 100, "finetune_steps": 300}
 
 
 def build_parser() -> argparse.ArgumentParser:

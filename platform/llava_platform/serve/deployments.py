@@ -250,6 +250,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(err.body(), status_code=exc.status_code)
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A server-side failure (never a bad request: those are ApiErrors): logged, and answered in
+    OpenAI's error shape without internals."""
+    logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    err = ApiError(500, f"the server failed to handle the request ({type(exc).__name__}); see the Gateway log",
+                   code="internal_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
 _REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError")
 
 

@@ -190,6 +190,12 @@ class PromptBuilder:
         except Exception as e:  # jinja's raise_exception
             raise ApiError(400, f"the conversation cannot be rendered for this model: {e}", "messages",
                            "invalid_conversation") from e
+        images = sum(1 for m in messages if not isinstance(m["content"], str)
+                     for p in m["content"] if p.get("type") == "image")
+        if ids.count(self.image_token_id) != images:
+            raise ApiError(400, f"the message text contains the model's reserved image token "
+                           f"{self.tokenizer.convert_ids_to_tokens(self.image_token_id)!r}; send images as "
+                           "image_url parts and leave the token out of the text", "messages", "invalid_content")
         out: list[int] = []
         for t in ids:
             out.extend([t] * self.spec.num_tokens if t == self.image_token_id else [t])

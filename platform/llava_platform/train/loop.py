@@ -127,6 +127,19 @@ def _micro_batches(shard, job: TrainJobConfig, epoch: int) -> Iterator[list[dict
 # ---------------------------------------------------------------------------------------------
 
 
+def _zero_vision_term(module: torch.nn.Module, image_size: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """``0 x`` the projected features of a blank image. A text-only micro-batch (the modality
+    grouping makes whole ones) leaves the projector and an unfrozen vision tower without gradients on
+    that rank only; DeepSpeed then reduces different gradient sets on different ranks and gloo
+    aborts. This term gives every vision-side parameter a zero gradient instead, as LLaVA does."""
+    import torch
+
+    llava = next(m for m in module.modules() if hasattr(m, "get_image_features"))
+    blank = torch.zeros(1, 3, image_size, image_size, dtype=dtype, device=device)
+    feats = llava.get_image_features(pixel_values=blank).pooler_output
+    return 0.0 * sum(f.sum() for f in feats)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``config`` carries the validated job config and run facts."""
     import deepspeed
@@ -186,6 +199,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
             loss = engine(**batch).loss
+            if "pixel_values" not in batch:
+                loss = loss + _zero_vision_term(engine.module, config["image_size"], dtype, engine.device)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()

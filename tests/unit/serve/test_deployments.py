@@ -196,6 +196,7 @@ BAD_REQUESTS = [
     ("file URL", _chat(_image("file:///etc/passwd")), 400, "invalid_image_url", "scheme"),
     ("body over the size limit", _chat("x" * 1_100_000), 413, "request_too_large", "1000000"),
     ("unknown argument", _chat("hi", max_token=3), 400, "extra_forbidden", "max_token"),
+    ("image token in the text", _chat("what is <image> here?"), 400, "invalid_content", "reserved image token"),
     ("temperature out of range", _chat("hi", temperature=5), 400, "less_than_equal", "temperature"),
     ("n > 1", _chat("hi", n=3), 400, "literal_error", "'n'"),
 ]

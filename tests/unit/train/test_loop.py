@@ -3,6 +3,7 @@ local Ray cluster: loss goes down, freezing holds bitwise, ZeRO-2 and ZeRO-3, ML
 and a node failure mid-run that resumes from the last checkpoint on exactly the same batches."""
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -260,3 +261,23 @@ def test_unknown_mlflow_model_uri_is_a_clear_error(mlflow_server, prepared, tmp_
             **{"tracking.tracking_uri": mlflow_server})
     with pytest.raises(ModelBuildError, match="cannot download runs:/0123456789abcdef/export from MLflow"):
         run_training(j)
+
+
+def test_text_only_micro_batches_with_an_unfrozen_vision_tower(ray_cluster, tmp_path):
+    """Half the records have no image, so whole micro-batches are text-only on one rank while the
+    other rank has images. Before the zero-weighted vision term, DeepSpeed reduced different
+    gradient sets on the two ranks and gloo aborted the worker (seen in `make demo` at step 182)."""
+    from llava_platform.data.synthetic import write_dataset
+
+    data = tmp_path / "synth"
+    write_dataset(data, n=8, seed=5, n_eval=1, text_only_fraction=1.0)
+    prepare(load_config(None, PreprocessJobConfig, [
+        "stage=finetune", "model.preset=tiny", f"data.data_path={data / 'instruct.json'}",
+        f"data.image_root={data / 'images'}", f"output_path={tmp_path / 'prepared'}", "num_workers=1",
+        "cpus_per_worker=0.5", "data.max_length=256"]))
+    j = job(tmp_path, "textonly", "finetune", tmp_path / "prepared", ["model.preset=tiny"],
+            **{"train.zero_stage": 2, "train.unfreeze_vision_tower": "true", "train.max_steps": 4,
+               "train.save_steps": 4})
+    result = run_training(j)
+    assert result.total_steps == 4
+    assert all(math.isfinite(v) for v in loss_history(result))
