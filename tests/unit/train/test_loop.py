@@ -22,8 +22,9 @@ pytestmark = pytest.mark.ray
 
 STEPS = 8
 # Stage-1 loss per step for the fixed seeds and data below (ZeRO-2, fp32, 2 workers); a regression
-# guard with a tolerance, not a target.
-STAGE1_LOSS = [6.25493, 6.21795, 6.17144, 6.13263, 6.11244, 6.10839, 6.11313, 6.10526]
+# guard with a tolerance, not a target. Re-pinned when the synthetic stage-2 mix gained VQA records
+# (the generator's random stream, and so the pretrain captions of synth_dir, changed).
+STAGE1_LOSS = [6.25635, 6.20150, 6.18716, 6.17667, 6.12129, 6.08922, 6.10058, 6.12076]
 
 
 @pytest.fixture(scope="module")
