@@ -197,13 +197,11 @@ class Decoder:
             raise ValueError(f"the prompt has {slots} image token(s) but {n_feat} image embedding(s) were given")
 
     def _row_embeddings(self, input_ids: list[int], features: Sequence[torch.Tensor]) -> torch.Tensor:
+        self.check(DecodeRequest(input_ids, 1), features)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         x = self.embed(ids)
         slots = ids == self.image_token_id
-        n_feat = sum(f.shape[0] for f in features)
-        if int(slots.sum()) != n_feat:
-            raise ValueError(f"the prompt has {int(slots.sum())} image token(s) but {n_feat} image embedding(s) were given")
-        if n_feat:
+        if features:
             x[slots] = torch.cat([f.to(self.device, x.dtype) for f in features])
         return x
 
