@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -105,10 +106,14 @@ def run_demo(workdir: str | Path, n: int = 3000, preset: str = "small", steps: i
     facts["url"] = url
     if wait:
         print("[demo] serving until you press Ctrl-C; Ray and Serve stop with this process.", flush=True)
+        # Ray Train installs its own SIGINT handler for a fit() and leaves it in place, which would
+        # swallow Ctrl-C here (measured: the demo kept running); restore Python's default.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # let Ray's exit-time shutdown finish quietly
             print("\n[demo] stopped.")
     else:
         from ray import serve
