@@ -20,7 +20,7 @@ from llava_platform import storage
 from llava_platform.config.schema import EvalJobConfig, ModelSpec, StorageConfig
 from llava_platform.eval.generate import EvalError, generate_answers, read_jsonl, read_questions
 from llava_platform.eval.judge import JudgeSummary, review_answers
-from llava_platform.eval.scoring import Scores, score_answers
+from llava_platform.eval.scoring import Scores, first_answer, score_answers
 
 ANSWER_FIELDS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 
@@ -111,11 +111,6 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def _write_outputs(out_dir: str, files: dict[str, bytes], storage_config: StorageConfig | None) -> None:
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out_dir, name), data, storage_config)
-
-
 def run_evaluation(job: EvalJobConfig) -> EvalResult:
     """Generate, score, review and log one evaluation.
 
@@ -123,7 +118,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
         EvalError: unreadable inputs, or an answer key that covers none of the questions.
     """
     from llava_platform.ray_utils import init_ray
-    from llava_platform.train.tracking import RunLogger, ensure_run, flatten, tracking_uri
+    from llava_platform.train.tracking import RunLogger, ensure_run, flatten, tracking_uri, use_tracking_uri
 
     t0 = time.time()
     cfg, st = job.eval, job.storage
@@ -139,9 +134,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
         if bad:
             raise EvalError(f"the answer key {cfg.answers_key} has no `answer` for question {bad[0]}")
     uri = tracking_uri(job.tracking)
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     init_ray()
     model_id = model_id_of(job.model)
     print(f"[eval] {len(questions)} questions, model {model_id}, {cfg.num_actors} actor(s), batch {cfg.batch_size}"
@@ -155,39 +148,43 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
     if cfg.judge is not None and key:
         by_id = {str(q["question_id"]): q for q in questions}
         items = [{"question_id": a["question_id"], "category": a["category"], "question": by_id[a["question_id"]]["text"],
-                  "reference": key[a["question_id"]]["answer"] if isinstance(key[a["question_id"]]["answer"], str)
-                  else key[a["question_id"]]["answer"][0], "answer": a["text"]}
+                  "reference": first_answer(key[a["question_id"]]), "answer": a["text"]}
                  for a in answers if a["question_id"] in key]
         api_key = cfg.judge.api_key.get_secret_value() if cfg.judge.api_key else os.environ.get("OPENAI_API_KEY")
         judge = review_answers(items, cfg.judge.base_url, cfg.judge.model, api_key)
 
     with tempfile.TemporaryDirectory() as tmp:
-        files: dict[str, bytes] = {"answers.jsonl": _jsonl([{k: r[k] for k in ANSWER_FIELDS} for r in answers])}
+        # Every output is written once, here; the same directory goes to output_dir and to MLflow.
+        local = os.path.join(tmp, "eval")
+        os.makedirs(local)
+
+        def put(name: str, data: bytes) -> None:
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(data)
+
+        put("answers.jsonl", _jsonl([{k: r[k] for k in ANSWER_FIELDS} for r in answers]))
         if blind is not None:
-            files["answers_blind.jsonl"] = _jsonl([{k: r[k] for k in ANSWER_FIELDS} for r in blind])
+            put("answers_blind.jsonl", _jsonl([{k: r[k] for k in ANSWER_FIELDS} for r in blind]))
         if errors:
-            files["errors.jsonl"] = _jsonl([{"question_id": r["question_id"], "mode": r["mode"], "error": r["error"]}
-                                            for r in errors])
+            put("errors.jsonl", _jsonl([{"question_id": r["question_id"], "mode": r["mode"], "error": r["error"]}
+                                        for r in errors]))
         metrics: dict[str, float] = {"answers": float(len(answers)), "answer_errors": float(len(errors))}
         if scores is not None:
             metrics.update(scores.metrics())
-            files["per_category.md"] = (scores.table() + "\n").encode()
+            put("per_category.md", (scores.table() + "\n").encode())
             buf = io.StringIO()
             writer = csv.writer(buf)
             writer.writerow(["category", "questions", "accuracy", "blind_accuracy"])
             for r in scores.rows:
                 writer.writerow([r.category, r.n, f"{r.accuracy:.4f}",
                                  "" if r.blind_accuracy is None else f"{r.blind_accuracy:.4f}"])
-            files["per_category.csv"] = buf.getvalue().encode()
-            chart = os.path.join(tmp, "accuracy_by_category.png")
-            accuracy_chart(scores, chart, f"{model_id}: accuracy by category")
-            with open(chart, "rb") as f:
-                files["accuracy_by_category.png"] = f.read()
+            put("per_category.csv", buf.getvalue().encode())
+            accuracy_chart(scores, os.path.join(local, "accuracy_by_category.png"), f"{model_id}: accuracy by category")
         if judge is not None:
             metrics.update(judge.metrics())
-            files["reviews.jsonl"] = _jsonl([r.__dict__ for r in judge.reviews])
-        files["scores.json"] = json.dumps(metrics, indent=2).encode()
-        _write_outputs(cfg.output_dir, files, st)
+            put("reviews.jsonl", _jsonl([r.__dict__ for r in judge.reviews]))
+        put("scores.json", json.dumps(metrics, indent=2).encode())
+        storage.upload_dir(local, cfg.output_dir, st)
 
         parent = lineage_run_id(job.model, st)
         tags = {"llava_platform.kind": "evaluation", "evaluated_model": job.model.checkpoint or model_id}
@@ -198,11 +195,6 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
         run_id = ensure_run(job.tracking, uri, run_key, f"eval-{model_id}", params, tags)
         logger = RunLogger(uri, run_id)
         logger.metrics(metrics, step=0)
-        local = os.path.join(tmp, "eval")
-        os.makedirs(local)
-        for name, data in files.items():
-            with open(os.path.join(local, name), "wb") as f:
-                f.write(data)
         logger.artifacts(local, "eval")
         logger.finish()
     result = EvalResult(scores, judge, cfg.output_dir, len(answers), len(errors), run_id, round(time.time() - t0, 1))

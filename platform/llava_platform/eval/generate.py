@@ -80,11 +80,9 @@ class AnswerModel:
         from llava_platform.model.builder import build_model
         from llava_platform.serve.engine import Decoder, ImageEncoderCore, ImageSpec, load_for_serving
         from llava_platform.serve.inputs import Limits, PromptBuilder
+        from llava_platform.train.tracking import use_tracking_uri
 
-        if tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking_uri)
+        use_tracking_uri(tracking_uri)
         if model.checkpoint is not None:
             loaded, processor = load_for_serving(model.checkpoint, storage_config, model.dtype)
         else:  # a preset or a composition: built here (random projector), for smoke runs

@@ -32,6 +32,12 @@ def exact_match(prediction: str, references: str | Sequence[str]) -> bool:
     return any(pred == normalize_answer(r) for r in refs)
 
 
+def first_answer(entry: Mapping[str, Any]) -> str:
+    """An answer-key entry's answer, or its first one when it lists several."""
+    answer = entry["answer"]
+    return answer if isinstance(answer, str) else answer[0]
+
+
 def yes_no(text: str) -> str:
     """POPE's reading of a free-form answer: the first sentence, ``no`` if it contains the word
     "no" or "not", else ``yes``."""
@@ -165,7 +171,7 @@ def score_answers(answers: Iterable[Mapping[str, Any]], key: Mapping[str, Mappin
         if blind_pred is not None:
             row.blind_correct = (row.blind_correct or 0) + exact_match(blind_pred.get(qid, ""), entry["answer"])
         if cat == yes_no_category:
-            yn_gold.append(entry["answer"] if isinstance(entry["answer"], str) else entry["answer"][0])
+            yn_gold.append(first_answer(entry))
             yn_pred.append(predicted.get(qid, ""))
             if blind_pred is not None:
                 yn_blind.append(blind_pred.get(qid, ""))

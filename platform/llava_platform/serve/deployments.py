@@ -31,16 +31,14 @@ from llava_platform.serve.engine import (DecodeRequest, Decoder, ImageEncoderCor
                                          drop_modules, load_for_serving)
 from llava_platform.serve.protocol import (ApiError, chunk_body, completion_body, completion_id, models_body,
                                            parse_request, usage)
+from llava_platform.train.tracking import use_tracking_uri
 
 logger = logging.getLogger("ray.serve")
 API_KEY_ENV = "LLAVA_API_KEY"
 
 
 def _load(args: ServeConfig) -> tuple[Any, Any]:
-    if args.tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(args.tracking_uri)
+    use_tracking_uri(args.tracking_uri)
     return load_for_serving(args.model, args.storage, args.dtype)
 
 
@@ -273,10 +271,7 @@ class Gateway:
 
         from llava_platform.model.builder import load_processor
 
-        if args.tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(args.tracking_uri)
+        use_tracking_uri(args.tracking_uri)
         processor, config = load_processor(ModelSpec(checkpoint=args.model), args.storage)
         self.encoder, self.llm = encoder, llm
         self.model_name = args.model_name

@@ -28,6 +28,15 @@ def tracking_uri(cfg: TrackingConfig, default_dir: str | os.PathLike | None = No
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def use_tracking_uri(uri: str | None) -> None:
+    """Point this process's MLflow client (``models:/``/``runs:/`` downloads) at ``uri``; None keeps
+    ``MLFLOW_TRACKING_URI``/the default."""
+    if uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
