@@ -4,7 +4,7 @@ Synthesise the shape world -> build the ``small`` preset -> preprocess both stag
 -> stage 1 (projector) and stage 2 (projector + LLM, vision tower unfrozen: the preset's tower is
 randomly initialised, not CLIP) on Ray Train + DeepSpeed with 2 workers -> evaluate on held-out scenes
 with the blind baseline (Ray Data) -> deploy the Serve app -> one OpenAI-style request with a demo
-image -> print the answer, the accuracy table, the MLflow store and how to stop.
+image -> print the answer, the accuracy table, the MLflow store, the web chat page and how to stop.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def run_demo(workdir: str | Path, n: int = 3000, preset: str = "small", steps: i
     image = data_dir / "eval" / "images" / question["image"]
     answer = _ask(url, image, question["text"])
     facts["request"] = {"question": question["text"], "answer": answer, "expected": expected}
+    facts["chat_page"] = _check_chat_page(url)
     facts["seconds"] = round(time.time() - t0, 1)
 
     print(f"\n[demo] done in {facts['seconds']}s ({', '.join(f'{k} {v}s' for k, v in facts['times'].items())}).")
@@ -103,6 +104,7 @@ def run_demo(workdir: str | Path, n: int = 3000, preset: str = "small", steps: i
     print(f"[demo] MLflow store: {db}; open it with:\n    mlflow ui --backend-store-uri sqlite:///{db}")
     print(f"[demo] the OpenAI-compatible endpoint is {url}/v1 (model `llava`); try:\n"
           f"    llava-platform chat --endpoint {url} --image {image}")
+    print(f"[demo] chat in your browser (drop in an image, ask, follow up): {facts['chat_page']}")
     facts["url"] = url
     if wait:
         print("[demo] serving until you press Ctrl-C; Ray and Serve stop with this process.", flush=True)
@@ -137,6 +139,16 @@ def _deploy(export: str, port: int) -> tuple[str, str]:
                     {"Gateway": small, "VisionEncoder": small, "LanguageModel": small})
     serve.run(app, name="demo", route_prefix="/demo")
     return f"http://127.0.0.1:{port}/demo", "demo"
+
+
+def _check_chat_page(url: str) -> str:
+    """The web chat page's URL, after checking that the Gateway serves it and its script."""
+    import httpx
+
+    page = f"{url}/"
+    for address in (page, f"{url}/static/chat.js"):
+        httpx.get(address, timeout=30).raise_for_status()
+    return page
 
 
 def _ask(url: str, image: Path, question: str) -> str:

@@ -21,6 +21,7 @@ def test_demo_runs_the_whole_pipeline_and_answers_a_request(ray_cluster, tmp_pat
     assert "| colour | 4 |" in out and "blind accuracy" in out
     assert facts["pretrain"]["prepared"] == 24 and facts["pretrain"]["steps"] == 2
     assert facts["finetune"]["steps"] == 2
+    assert f"chat in your browser (drop in an image, ask, follow up): {facts['url']}/" in out
     assert facts["request"]["answer"] is not None and f"A: {facts['request']['answer']!r}" in out
     assert {"accuracy", "blind_accuracy", "accuracy.colour"} <= set(facts["eval"])
     assert (tmp_path / "eval" / "accuracy_by_category.png").exists()

@@ -211,6 +211,8 @@ class ServeConfig(StrictModel):
     image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
     # Bearer key; None disables auth. Falls back to LLAVA_API_KEY in the replica's environment.
     api_key: SecretStr | None = None
+    # Serve the web chat page at the route prefix (GET /); its API calls need the key like any client.
+    chat_page: bool = True
     max_new_tokens_limit: int = Field(1024, gt=0)
     max_images_per_request: int = Field(1, gt=0)
     max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)

@@ -20,13 +20,13 @@ from typing import Any, AsyncIterator
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_platform.config.schema import ModelSpec, ServeConfig
-from llava_platform.serve import inputs
+from llava_platform.serve import inputs, web
 from llava_platform.serve.engine import (DecodeRequest, Decoder, ImageEncoderCore, ImageSpec, StepOutput,
                                          drop_modules, load_for_serving)
 from llava_platform.serve.protocol import (ApiError, chunk_body, completion_body, completion_id, models_body,
@@ -279,6 +279,7 @@ class Gateway:
         self.spec = ImageSpec.from_model(config, processor, args.image_aspect_ratio)
         self.prompts = inputs.PromptBuilder(processor, config, self.spec, self.limits)
         self.max_body = args.max_body_bytes
+        self.chat_page = args.chat_page
         key = args.api_key.get_secret_value() if args.api_key else os.environ.get(API_KEY_ENV)
         self._api_key = key.encode() if key else None
         self.http = httpx.AsyncClient(timeout=10.0)
@@ -339,6 +340,24 @@ class Gateway:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    # The web chat page: public (it holds no secret); its API calls carry the key the user enters.
+    @api.get("/")
+    async def chat_page_html(self, request: Request) -> HTMLResponse:
+        self._page_enabled(request)
+        return HTMLResponse(web.page(request.scope.get("root_path", "")), headers=web.HEADERS)
+
+    @api.get("/static/{name}")
+    async def chat_page_asset(self, name: str, request: Request) -> Response:
+        self._page_enabled(request)
+        found = web.asset(name)
+        if found is None:
+            raise ApiError(404, f"GET {request.url.path}: no such file", code="404")
+        return Response(found[0], media_type=found[1], headers=web.HEADERS)
+
+    def _page_enabled(self, request: Request) -> None:
+        if not self.chat_page:
+            raise ApiError(404, f"GET {request.url.path}: the chat page is turned off (chat_page: false)", code="404")
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:

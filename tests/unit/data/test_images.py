@@ -86,6 +86,12 @@ def test_decode_errors(data, reason):
     assert e.value.reason == reason
 
 
+def test_an_unknown_format_is_explained_by_its_first_bytes():
+    with pytest.raises(RecordError) as e:
+        decode(b"<html>404 Not Found</html>", 10**6)
+    assert e.value.detail == "not a known image format; the data starts with b'<html>404 Not Fo'"
+
+
 def test_truncated_image():
     data = png(Image.effect_noise((64, 64), 50).convert("RGB"))
     with pytest.raises(RecordError) as e:

@@ -18,26 +18,11 @@ import openai
 import pytest
 import ray
 from PIL import Image
-from serve_helpers import data_url, png, reference_greedy, user_image_message
+from serve_helpers import data_url, png, user_image_message
 
-from llava_platform.serve.engine import DecodeRequest, ImageSpec, load_for_serving
+from llava_platform.serve.engine import DecodeRequest
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def reference(serve_app):
-    model, processor = load_for_serving(str(serve_app.model_dir))
-    spec = ImageSpec.from_model(model.config, processor)
-
-    def greedy(messages: list[dict], images: list[bytes], max_new_tokens: int) -> str:
-        from llava_platform.serve.inputs import template_messages
-        from llava_platform.serve.protocol import parse_request
-
-        req = parse_request({"model": "llava", "messages": messages})
-        return reference_greedy(model, processor, spec, template_messages(req.messages), images, max_new_tokens)
-
-    return greedy
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +224,7 @@ def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_clu
     from llava_platform.serve.app import build_app
 
     secret = "sk-test-" + os.urandom(8).hex()
-    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key": secret})
+    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key": secret, "chat_page": False})
     small = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
     serve.run(build_app(args, {n: small for n in ("Gateway", "VisionEncoder", "LanguageModel")}),
               name="secure", route_prefix="/secure")
@@ -251,6 +236,8 @@ def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_clu
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{base}/models").status_code == 401
         assert httpx.get(f"{serve_app.url}/secure/healthz").status_code == 200
+        page = httpx.get(f"{serve_app.url}/secure/")  # this app turns the web chat page off
+        assert page.status_code == 404 and "chat_page: false" in page.json()["error"]["message"]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=base, api_key=secret, max_retries=0, timeout=60)

@@ -1,0 +1,265 @@
+"""The web chat page, end to end in a real browser: Debian's Chromium driven by Playwright against
+the session's real Serve app (tiny model, loopback). The page's answers are checked against the
+single-process model's greedy output; screenshots go to ``test-artifacts/web/``."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import png
+
+from llava_platform.serve import web
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[3]
+ARTIFACTS = REPO / "test-artifacts" / "web"
+# What the environment lets a root Chromium do here: no sandbox, no GPU, and no background
+# connections to Google's services (this machine's network is closed).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+MAX_TOKENS = 12
+
+
+def chromium_path() -> str:
+    path = os.environ.get("LLAVA_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("Chromium is not installed: `make setup` installs Debian's chromium package "
+                    "(or set LLAVA_TEST_CHROMIUM to a Chromium binary)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The page and its files over plain HTTP
+# ---------------------------------------------------------------------------------------------
+
+def test_page_links_its_files_under_the_route_prefix():
+    for prefix in ("", "/", "/demo", "/demo/"):
+        html = web.page(prefix)
+        root = prefix.rstrip("/")
+        assert f'src="{root}/static/chat.js"' in html and f'href="{root}/static/chat.css"' in html
+        assert f'data-root="{root}"' in html and "{root}" not in html
+    assert 'data-root="/a&quot;b"' in web.page('/a"b')  # escaped, never raw markup
+    assert web.asset("chat.js")[1].startswith("text/javascript")
+    assert web.asset("../deployments.py") is None and web.asset("chat.html") is None
+
+
+def test_gateway_serves_the_page_with_a_strict_content_policy(serve_app):
+    page = httpx.get(f"{serve_app.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "unsafe" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    js = httpx.get(f"{serve_app.url}/static/chat.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert "/v1/chat/completions" in js.text
+    missing = httpx.get(f"{serve_app.url}/static/missing.js")
+    assert missing.status_code == 404 and missing.json()["error"]["message"].endswith("no such file")
+
+
+# ---------------------------------------------------------------------------------------------
+# In the browser
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh browser context per test; the console and page errors are collected, and the page as
+    it was at the end of the test is saved as a screenshot (pass or fail)."""
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    context.set_default_timeout(60_000)
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}-end.png"))
+    context.close()
+
+
+def shot(pg, name: str) -> None:
+    pg.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def set_slider(pg, selector: str, value: float) -> None:
+    pg.fill(selector, str(value))
+    assert float(pg.input_value(selector)) == value
+
+
+def drop_file(pg, name: str, raw: bytes, mime: str) -> None:
+    """Drag and drop a file onto the image drop zone, as a user dragging it from their desktop does."""
+    transfer = pg.evaluate_handle(
+        """([name, b64, mime]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, {type: mime}));
+            return dt;
+        }""", [name, base64.b64encode(raw).decode(), mime])
+    pg.dispatch_event("#drop", "dragenter", {"dataTransfer": transfer})
+    pg.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def record_renders(pg) -> None:
+    """Keep every text the newest answer shows while it streams (a MutationObserver in the page)."""
+    pg.evaluate("""() => {
+        window.__renders = [];
+        const log = document.getElementById("log");
+        new MutationObserver(() => {
+            const answers = log.querySelectorAll(".msg.assistant .text");
+            if (answers.length) window.__renders.push(answers[answers.length - 1].textContent);
+        }).observe(log, {childList: true, subtree: true, characterData: true});
+    }""")
+
+
+def answers(pg) -> list[str]:
+    return pg.locator(".msg.assistant[data-state=done] .text").all_text_contents()
+
+
+def open_chat(pg, url: str) -> None:
+    pg.goto(url)
+    pg.locator("#model.connected").wait_for()
+    set_slider(pg, "#temperature", 0)  # greedy: the answer is comparable with the reference
+    pg.fill("#max-tokens", str(MAX_TOKENS))
+
+
+def test_upload_ask_stream_follow_up_regenerate_and_clear(serve_app, page, reference):
+    open_chat(page, f"{serve_app.url}/")
+    assert page.inner_text("#model") == "llava"
+    shot(page, "web-chat-empty")
+
+    image = png("blue", (64, 48), shape="circle")
+    drop_file(page, "shape.png", image, "image/png")
+    page.locator("#preview-img").wait_for()
+    assert page.inner_text("#preview-name") == "shape.png"
+    page.fill("#prompt", "What colour is the shape?")
+    record_renders(page)
+    page.click("#send")
+    page.locator(".msg.assistant[data-state=done]").wait_for()
+
+    first = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
+        {"type": "text", "text": "What colour is the shape?"}]}]
+    expected = reference(first, [image], MAX_TOKENS)
+    assert answers(page) == [expected]
+    renders = [r for r in page.evaluate("window.__renders") if r]
+    assert len(set(renders)) >= 2, f"the answer arrived in one piece, not streamed: {renders}"
+    assert all(expected.startswith(r) for r in renders)  # each render a prefix of the final answer
+    assert page.locator(".msg.user img").count() == 1  # the question shows the image it was asked about
+    assert page.locator("#preview").is_hidden() and page.input_value("#prompt") == ""
+    shot(page, "web-chat-answer")
+
+    # A follow-up question (Enter sends) continues the conversation: the image stays in turn one.
+    page.fill("#prompt", "Where is it?")
+    page.press("#prompt", "Enter")
+    page.locator(".msg.assistant[data-state=done]").nth(1).wait_for()
+    second = first + [{"role": "assistant", "content": expected}, {"role": "user", "content": "Where is it?"}]
+    follow_up = reference(second, [image], MAX_TOKENS)
+    assert answers(page) == [expected, follow_up]
+    shot(page, "web-chat-multi-turn")
+
+    # Regenerate replaces the last answer (greedy: the same text again) and keeps the rest.
+    page.click("#regenerate")
+    page.locator(".msg.assistant[data-state=streaming]").wait_for(state="detached")
+    assert answers(page) == [expected, follow_up] and page.locator(".msg.user").count() == 2
+
+    page.click("#clear")
+    assert page.locator(".msg").count() == 0 and page.locator("#empty-hint").is_visible()
+    assert page.errors == []
+
+
+def test_a_bad_image_shows_the_api_error_readably_and_loses_nothing(serve_app, page, reference):
+    open_chat(page, f"{serve_app.url}/")
+    page.set_input_files("#image-input", files=[{"name": "broken.png", "mimeType": "image/png",
+                                                 "buffer": b"these bytes are not a PNG"}])
+    page.fill("#prompt", "What is in this picture?")
+    page.click("#send")
+    error = page.locator(".msg.error")
+    error.wait_for()
+    text = error.inner_text()
+    assert text.startswith("The server rejected the request (400 invalid_image):"), text
+    assert "not a readable image" in text and "Traceback" not in text and "{" not in text
+    assert "Your question is back in the text box." in text
+    # Nothing is lost: the question and the image are back in the composer, the failed turn is not
+    # in the conversation, and the page goes on working once the image is removed.
+    assert page.input_value("#prompt") == "What is in this picture?"
+    assert page.inner_text("#preview-name") == "broken.png (the browser cannot show this file)"
+    assert page.locator(".msg.user").count() == 0
+    shot(page, "web-chat-bad-image")
+
+    page.click("#remove-image")
+    page.click("#send")
+    page.locator(".msg.assistant[data-state=done]").wait_for()
+    assert answers(page) == [reference([{"role": "user", "content": "What is in this picture?"}], [], MAX_TOKENS)]
+
+    # An error the browser itself catches: a file that is not an image at all is not sent.
+    page.set_input_files("#image-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}])
+    assert "notes.txt is not an image" in page.locator(".msg.error").last.inner_text()
+    assert page.locator("#preview").is_hidden()
+    assert page.errors == []
+
+
+def test_max_tokens_over_the_server_limit_is_explained(serve_app, page):
+    open_chat(page, f"{serve_app.url}/")
+    page.fill("#max-tokens", "100000")
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    text = page.locator(".msg.error").inner_text()
+    assert text.startswith("The server rejected the request (400"), text
+    assert "max_tokens" in text and str(serve_app.args.max_new_tokens_limit) in text
+
+
+@pytest.fixture(scope="module")
+def keyed_app(serve_app):
+    """A second app on the session's Serve instance, with an API key and under a route prefix."""
+    from ray import serve
+
+    from llava_platform.serve.app import build_app
+
+    secret = "sk-web-" + os.urandom(8).hex()
+    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key": secret})
+    small = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
+    serve.run(build_app(args, {n: small for n in ("Gateway", "VisionEncoder", "LanguageModel")}),
+              name="webkey", route_prefix="/webkey")
+    yield f"{serve_app.url}/webkey", secret
+    serve.delete("webkey")
+
+
+def test_the_page_asks_for_the_api_key_and_uses_it(keyed_app, page, reference):
+    url, secret = keyed_app
+    page.goto(url)  # no trailing slash: redirected to /webkey/, its files and API under /webkey
+    page.locator("#key-bar").wait_for()
+    assert page.inner_text("#model") == "API key needed" and page.is_disabled("#send")
+    shot(page, "web-chat-api-key")
+
+    page.fill("#api-key", "sk-wrong")
+    page.click("#key-form button")
+    page.locator("#status", has_text="the API key was refused").wait_for()
+    assert page.locator("#key-bar").is_visible()
+
+    page.fill("#api-key", secret)
+    page.click("#key-form button")
+    page.locator("#model.connected").wait_for()
+    assert page.inner_text("#model") == "llava" and page.locator("#key-bar").is_hidden()
+    set_slider(page, "#temperature", 0)
+    page.fill("#max-tokens", str(MAX_TOKENS))
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    page.locator(".msg.assistant[data-state=done]").wait_for()
+    assert answers(page) == [reference([{"role": "user", "content": "hello"}], [], MAX_TOKENS)]
+    # The key lives in this tab's session storage only, never in the address.
+    assert secret not in page.url
+    assert page.evaluate("Object.values(sessionStorage)") == [secret]
