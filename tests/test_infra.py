@@ -77,3 +77,21 @@ def test_rayservice_embeds_the_cluster_serve_config_and_it_validates():
     ServeDeploySchema.model_validate(embedded)
     shipped = yaml.safe_load((REPO / "serve_apps" / "serve_config_cluster.yaml").read_text())
     assert embedded["applications"] == shipped["applications"]
+
+
+def test_the_api_key_reaches_every_node_from_a_secret_never_from_the_repository():
+    """The Gateway (API and chat page) reads LLAVA_API_KEY; on a cluster it comes from a file the
+    user keeps out of git (rsynced with infra/), on Kubernetes from an optional Secret."""
+    cfg = _cluster()
+    mounted = {v.removeprefix("./"): k for k, v in cfg["file_mounts"].items()}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        assert f"export LLAVA_API_KEY=$(cat {mounted['infra']}/secrets/api_key 2>/dev/null)" in start, key
+        assert start.index("LLAVA_API_KEY") < start.index("ray start"), key
+    assert "infra/secrets/" in (REPO / ".gitignore").read_text().split()
+    spec = _manifests()["rayservice.yaml"]["spec"]["rayClusterConfig"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        env = {e["name"]: e for c in group["template"]["spec"]["containers"] for e in c.get("env", [])}
+        assert env["LLAVA_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llava-api-key", "key": "api-key",
+                                                                     "optional": True}
+    assert "api_key" not in str(yaml.safe_load((REPO / "serve_apps" / "serve_config_cluster.yaml").read_text()))
