@@ -154,27 +154,29 @@ def test_upload_ask_stream_follow_up_regenerate_and_clear(serve_app, page, refer
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
         {"type": "text", "text": "What colour is the shape?"}]}]
     expected = reference(first, [image], MAX_TOKENS)
-    assert answers(page) == [expected]
+    assert answers(page) == [expected.lstrip()]  # shown without a leading space
     renders = [r for r in page.evaluate("window.__renders") if r]
     assert len(set(renders)) >= 2, f"the answer arrived in one piece, not streamed: {renders}"
-    assert all(expected.startswith(r) for r in renders)  # each render a prefix of the final answer
+    assert all(expected.lstrip().startswith(r) for r in renders)  # each render a prefix of the final answer
+    assert page.inner_text(".msg.assistant .meta") == f"stopped at the max output tokens · {MAX_TOKENS} tokens"
     assert page.locator(".msg.user img").count() == 1  # the question shows the image it was asked about
     assert page.locator("#preview").is_hidden() and page.input_value("#prompt") == ""
     shot(page, "web-chat-answer")
 
-    # A follow-up question (Enter sends) continues the conversation: the image stays in turn one.
+    # A follow-up question (Enter sends) continues the conversation: the image stays in turn one, and
+    # the first answer goes back to the model exactly as it was generated.
     page.fill("#prompt", "Where is it?")
     page.press("#prompt", "Enter")
     page.locator(".msg.assistant[data-state=done]").nth(1).wait_for()
     second = first + [{"role": "assistant", "content": expected}, {"role": "user", "content": "Where is it?"}]
     follow_up = reference(second, [image], MAX_TOKENS)
-    assert answers(page) == [expected, follow_up]
+    assert answers(page) == [expected.lstrip(), follow_up.lstrip()]
     shot(page, "web-chat-multi-turn")
 
     # Regenerate replaces the last answer (greedy: the same text again) and keeps the rest.
     page.click("#regenerate")
     page.locator(".msg.assistant[data-state=streaming]").wait_for(state="detached")
-    assert answers(page) == [expected, follow_up] and page.locator(".msg.user").count() == 2
+    assert answers(page) == [expected.lstrip(), follow_up.lstrip()] and page.locator(".msg.user").count() == 2
 
     page.click("#clear")
     assert page.locator(".msg").count() == 0 and page.locator("#empty-hint").is_visible()
@@ -203,7 +205,7 @@ def test_a_bad_image_shows_the_api_error_readably_and_loses_nothing(serve_app, p
     page.click("#remove-image")
     page.click("#send")
     page.locator(".msg.assistant[data-state=done]").wait_for()
-    assert answers(page) == [reference([{"role": "user", "content": "What is in this picture?"}], [], MAX_TOKENS)]
+    assert answers(page) == [reference([{"role": "user", "content": "What is in this picture?"}], [], MAX_TOKENS).lstrip()]
 
     # An error the browser itself catches: a file that is not an image at all is not sent.
     page.set_input_files("#image-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}])
@@ -259,7 +261,7 @@ def test_the_page_asks_for_the_api_key_and_uses_it(keyed_app, page, reference):
     page.fill("#prompt", "hello")
     page.click("#send")
     page.locator(".msg.assistant[data-state=done]").wait_for()
-    assert answers(page) == [reference([{"role": "user", "content": "hello"}], [], MAX_TOKENS)]
+    assert answers(page) == [reference([{"role": "user", "content": "hello"}], [], MAX_TOKENS).lstrip()]
     # The key lives in this tab's session storage only, never in the address.
     assert secret not in page.url
     assert page.evaluate("Object.values(sessionStorage)") == [secret]

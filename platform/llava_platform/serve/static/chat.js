@@ -281,7 +281,9 @@
     try {
       const {finish, usage} = await stream(state.messages, (piece) => {
         text += piece;
-        textEl.textContent = text;
+        // Shown without the leading space many tokenizers put before the first word; the history
+        // keeps the model's text as it was generated.
+        textEl.textContent = text.trimStart();
         el.log.scrollTop = el.log.scrollHeight;
       });
       finishAnswer(div, text, finish === "length" ? "stopped at the max output tokens" : "", usage);
@@ -292,6 +294,7 @@
         return null;
       }
       div.remove();
+      if (err.status === 401) el.keyBar.hidden = false;  // the key changed or was never entered
       return describe(err);
     } finally {
       state.busy = false;
@@ -304,7 +307,8 @@
   function finishAnswer(div, text, note, usage) {
     state.messages.push({role: "assistant", content: text});
     div.dataset.state = "done";
-    const parts = [note, usage ? `${usage.completion_tokens} tokens` : ""].filter(Boolean);
+    const n = usage ? usage.completion_tokens : null;
+    const parts = [note, n === null ? "" : `${n} token${n === 1 ? "" : "s"}`].filter(Boolean);
     if (parts.length) {
       const meta = document.createElement("div");
       meta.className = "meta";
