@@ -134,7 +134,7 @@ class LanguageModel:
         self.max_rows = args.max_batch_size
         self.waiting: list[tuple[list[tuple[DecodeRequest, list[torch.Tensor]]], asyncio.Queue]] = []
         self.driver: asyncio.Task | None = None
-        self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch": 0}
+        self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch": 0, "cancelled": 0}
         self.health = _Unhealthy()
         self._decode_batch.set_max_batch_size(args.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
@@ -147,9 +147,15 @@ class LanguageModel:
         """
         self.decoder.check(request, features)
         self.counts["requests"] += 1
-        async for out in self._decode_batch((request, list(features))):
-            if out.text or out.finish_reason:
-                yield out
+        finished = False
+        try:
+            async for out in self._decode_batch((request, list(features))):
+                finished = out.finish_reason is not None
+                if out.text or out.finish_reason:
+                    yield out
+        finally:
+            if not finished:  # the caller went away (client disconnected, Stop pressed): free the row
+                request.cancelled = True
 
     async def complete(self, request: DecodeRequest, *features: torch.Tensor) -> StepOutput:
         """One request's whole output in one reply (no per-token messages between replicas)."""
@@ -218,6 +224,7 @@ class LanguageModel:
                 continue
             lists: dict[int, list[Any]] = {}
             for (gid, k), out in outs:
+                self.counts["cancelled"] += out.finish_reason == "cancelled"
                 group = groups[gid]
                 lists.setdefault(gid, [StopIteration] * group["n"])[k] = out
                 group["done"] += out.finish_reason is not None
@@ -227,7 +234,8 @@ class LanguageModel:
                     groups.pop(gid)["queue"].put_nowait(None)
 
     def stats(self) -> dict[str, Any]:
-        """This replica's counters (``max_batch``: the most rows that decoded together)."""
+        """This replica's counters (``max_batch``: the most rows that decoded together; ``cancelled``:
+        rows that left early because their caller went away)."""
         return dict(self.counts, replica=_replica_id())
 
     def check_health(self) -> None:

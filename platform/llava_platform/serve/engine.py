@@ -83,7 +83,8 @@ class ImageEncoderCore:
 
 @dataclass
 class DecodeRequest:
-    """One row of a decode batch. ``temperature == 0`` is greedy."""
+    """One row of a decode batch. ``temperature == 0`` is greedy. ``cancelled`` (set where the row
+    decodes, when its caller has gone away) makes the row leave the batch at the next step."""
 
     input_ids: list[int]
     max_new_tokens: int
@@ -91,13 +92,15 @@ class DecodeRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    cancelled: bool = False
 
 
 @dataclass
 class StepOutput:
     """What one decode step produced for one row: new text (possibly empty while a multi-byte
     character or a possible stop string is held back), the running completion token count, and the
-    finish reason (``stop`` or ``length``) on the row's last step."""
+    finish reason (``stop``, ``length``, or ``cancelled`` for a row whose caller went away) on the
+    row's last step."""
 
     text: str
     completion_tokens: int
@@ -121,6 +124,9 @@ class _Row:
         self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else secrets.randbits(63))
 
     def push(self, token: int) -> StepOutput:
+        if self.req.cancelled:
+            self.done = True
+            return StepOutput("", len(self.ids), "cancelled")
         finish = None
         if token in self.eos_ids:
             finish = "stop"

@@ -105,9 +105,38 @@ def test_language_model_decodes_concurrent_calls_in_one_batch(serve_app, tiny_mo
     assert max(rows) > 1, rows  # 12 calls over 2 replicas: some must have shared a decode batch
 
 
-def _encoder_stats(serve_app) -> dict[str, dict]:
-    """Counters of every VisionEncoder replica (calls spread over replicas; poll until both seen)."""
-    handle, seen = serve_app.handle("VisionEncoder"), {}
+def test_a_call_whose_caller_goes_away_stops_decoding(serve_app, tiny_model_dir):
+    """Stop in the chat page, a closed connection, a cancelled handle call: the row leaves the
+    decode batch at the next step instead of running to max_new_tokens."""
+    from llava_platform.config.schema import ModelSpec
+    from llava_platform.model.builder import load_processor
+
+    processor, _ = load_processor(ModelSpec(checkpoint=str(tiny_model_dir)))
+    ids = processor.tokenizer("USER: tell me a long story ASSISTANT:")["input_ids"]
+    before = _replica_stats(serve_app, "LanguageModel")
+
+    async def start_and_cancel():
+        stream = serve_app.handle("LanguageModel").generate.options(stream=True).remote(DecodeRequest(ids, 1500))
+        got = 0
+        async for out in stream:
+            got = out.completion_tokens
+            if got >= 2:
+                break
+        stream.cancel()
+        return got
+
+    got = asyncio.run(start_and_cancel())
+    deadline, cancelled = time.time() + 30, 0
+    while time.time() < deadline and not cancelled:
+        after = _replica_stats(serve_app, "LanguageModel")
+        cancelled = sum(after[r]["cancelled"] - before.get(r, {}).get("cancelled", 0) for r in after)
+        time.sleep(0.2)
+    assert got >= 2 and cancelled == 1
+
+
+def _replica_stats(serve_app, deployment: str = "VisionEncoder") -> dict[str, dict]:
+    """Counters of every replica of a deployment (calls spread over replicas; poll until both seen)."""
+    handle, seen = serve_app.handle(deployment), {}
     for _ in range(60):
         s = handle.stats.remote().result()
         seen[s["replica"]] = s
@@ -117,7 +146,7 @@ def _encoder_stats(serve_app) -> dict[str, dict]:
 
 
 def test_repeated_images_skip_the_encoder(serve_app, client):
-    before = _encoder_stats(serve_app)
+    before = _replica_stats(serve_app)
     images = [png(c, (50, 20)) for c in ("pink", "brown")]  # not used by other tests
 
     def ask(i):
@@ -126,7 +155,7 @@ def test_repeated_images_skip_the_encoder(serve_app, client):
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(ask, range(20)))
-    after = _encoder_stats(serve_app)
+    after = _replica_stats(serve_app)
     encoded = sum(after[r]["encoded"] - before.get(r, {}).get("encoded", 0) for r in after)
     requests = sum(after[r]["requests"] - before.get(r, {}).get("requests", 0) for r in after)
     assert requests == 20

@@ -131,3 +131,26 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_they_would_alone(loa
         for tag, out in decoder.step(batch):
             texts[tag] += out.text
     assert [texts[i] for i in range(4)] == solo
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_its_neighbour_is_unchanged(loaded):
+    model, processor, spec = loaded
+    decoder = Decoder(model, processor.tokenizer)
+    messages, ids = _prompt(loaded, "hello", with_image=False)
+    alone = reference_greedy(model, processor, spec, messages, [], 10)
+    keep, drop = DecodeRequest(ids, 10), DecodeRequest(ids, 10)
+    batch = decoder.start([keep, drop], [[], []], tags=["keep", "drop"])
+    texts, finishes, rows = {"keep": "", "drop": ""}, {}, []
+    for step in range(12):
+        if step == 3:
+            drop.cancelled = True
+        if not batch.rows:
+            break
+        for tag, out in decoder.step(batch):
+            texts[tag] += out.text
+            if out.finish_reason:
+                finishes[tag] = (out.finish_reason, out.completion_tokens)
+        rows.append(len(batch.rows))
+    assert finishes == {"drop": ("cancelled", 3), "keep": ("length", 10)}
+    assert rows[:5] == [2, 2, 2, 1, 1]  # the cancelled row left the batch (and its cache) at once
+    assert texts["keep"] == alone

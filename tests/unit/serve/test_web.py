@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import expect
 from serve_helpers import png
 
 from llava_platform.serve import web
@@ -24,6 +29,7 @@ ARTIFACTS = REPO / "test-artifacts" / "web"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 MAX_TOKENS = 12
+LONG = 1500
 
 
 def chromium_path() -> str:
@@ -125,6 +131,20 @@ def record_renders(pg) -> None:
     }""")
 
 
+@contextmanager
+def slow_network(pg, bytes_per_s: int = 1500):
+    cdp = pg.context.new_cdp_session(pg)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                  "downloadThroughput": bytes_per_s, "uploadThroughput": -1})
+    try:
+        yield
+    finally:
+        cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                      "downloadThroughput": -1, "uploadThroughput": -1})
+        cdp.detach()
+
+
 def answers(pg) -> list[str]:
     return pg.locator(".msg.assistant[data-state=done] .text").all_text_contents()
 
@@ -147,8 +167,11 @@ def test_upload_ask_stream_follow_up_regenerate_and_clear(serve_app, page, refer
     assert page.inner_text("#preview-name") == "shape.png"
     page.fill("#prompt", "What colour is the shape?")
     record_renders(page)
-    page.click("#send")
-    page.locator(".msg.assistant[data-state=done]").wait_for()
+    # A slow link (Chromium's own throttling), so that the answer's events reach the page over time
+    # however fast the server and the machine are: the page must show them as they come.
+    with slow_network(page):
+        page.click("#send")
+        page.locator(".msg.assistant[data-state=done]").wait_for()
 
     first = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
@@ -226,13 +249,15 @@ def test_max_tokens_over_the_server_limit_is_explained(serve_app, page):
 
 @pytest.fixture(scope="module")
 def keyed_app(serve_app):
-    """A second app on the session's Serve instance, with an API key and under a route prefix."""
+    """A second app on the session's Serve instance, with an API key, under a route prefix."""
     from ray import serve
 
     from llava_platform.serve.app import build_app
 
     secret = "sk-web-" + os.urandom(8).hex()
-    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key": secret})
+    # Long answers allowed, so that Stop lands while the server is still generating.
+    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key": secret,
+                                                "max_new_tokens_limit": LONG})
     small = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
     serve.run(build_app(args, {n: small for n in ("Gateway", "VisionEncoder", "LanguageModel")}),
               name="webkey", route_prefix="/webkey")
@@ -265,3 +290,47 @@ def test_the_page_asks_for_the_api_key_and_uses_it(keyed_app, page, reference):
     # The key lives in this tab's session storage only, never in the address.
     assert secret not in page.url
     assert page.evaluate("Object.values(sessionStorage)") == [secret]
+
+
+def cancelled_rows(app: str) -> int:
+    """The LanguageModel's count of rows that left early (one replica), asked from a thread: the
+    Playwright sync API runs an event loop in this one, where Serve's blocking calls refuse to run."""
+    from ray import serve
+
+    def ask() -> int:
+        return serve.get_deployment_handle("LanguageModel", app).stats.remote().result()["cancelled"]
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ask).result()
+
+
+def test_stop_ends_the_answer_and_the_server_stops_generating_it(keyed_app, page, reference):
+    url, secret = keyed_app
+    before = cancelled_rows("webkey")
+    page.goto(f"{url}/")
+    page.fill("#api-key", secret)
+    page.click("#key-form button")
+    page.locator("#model.connected").wait_for()
+    set_slider(page, "#temperature", 0)
+    page.fill("#max-tokens", str(LONG))
+    page.fill("#prompt", "tell me a story")
+    page.click("#send")
+    expect(page.locator(".msg.assistant[data-state=streaming] .text")).to_have_text(re.compile(r"\S"))
+    page.click("#stop")
+    page.locator(".msg.assistant[data-state=done]").wait_for()
+    shown = answers(page)[0]
+    start = reference([{"role": "user", "content": "tell me a story"}], [], 300).lstrip()
+    assert shown and len(shown) < len(start) and start.startswith(shown), (shown, start)
+    assert page.inner_text(".msg.assistant .meta") == "stopped"
+    assert page.is_visible("#send") and page.is_hidden("#stop") and page.is_enabled("#regenerate")
+    shot(page, "web-chat-stopped")
+    # The server noticed the closed stream: the row left the decode batch long before LONG tokens.
+    deadline = time.time() + 30
+    while cancelled_rows("webkey") == before and time.time() < deadline:
+        time.sleep(0.2)
+    assert cancelled_rows("webkey") == before + 1
+    # The partial answer is part of the conversation: Regenerate replaces it.
+    page.fill("#max-tokens", str(MAX_TOKENS))
+    page.click("#regenerate")
+    page.locator(".msg.assistant[data-state=streaming]").wait_for(state="detached")
+    assert answers(page) == [reference([{"role": "user", "content": "tell me a story"}], [], MAX_TOKENS).lstrip()]
