@@ -149,11 +149,21 @@ def answers(pg) -> list[str]:
     return pg.locator(".msg.assistant[data-state=done] .text").all_text_contents()
 
 
+def connected_greedy(pg, max_tokens: int = MAX_TOKENS) -> None:
+    """Wait until the page shows the model, then set greedy decoding (comparable with the reference)."""
+    pg.locator("#model.connected").wait_for()
+    set_slider(pg, "#temperature", 0)
+    pg.fill("#max-tokens", str(max_tokens))
+
+
 def open_chat(pg, url: str) -> None:
     pg.goto(url)
-    pg.locator("#model.connected").wait_for()
-    set_slider(pg, "#temperature", 0)  # greedy: the answer is comparable with the reference
-    pg.fill("#max-tokens", str(MAX_TOKENS))
+    connected_greedy(pg)
+
+
+def enter_key(pg, key: str) -> None:
+    pg.fill("#api-key", key)
+    pg.click("#key-form button")
 
 
 def test_upload_ask_stream_follow_up_regenerate_and_clear(serve_app, page, reference):
@@ -272,17 +282,13 @@ def test_the_page_asks_for_the_api_key_and_uses_it(keyed_app, page, reference):
     assert page.inner_text("#model") == "API key needed" and page.is_disabled("#send")
     shot(page, "web-chat-api-key")
 
-    page.fill("#api-key", "sk-wrong")
-    page.click("#key-form button")
+    enter_key(page, "sk-wrong")
     page.locator("#status", has_text="the API key was refused").wait_for()
     assert page.locator("#key-bar").is_visible()
 
-    page.fill("#api-key", secret)
-    page.click("#key-form button")
-    page.locator("#model.connected").wait_for()
+    enter_key(page, secret)
+    connected_greedy(page)
     assert page.inner_text("#model") == "llava" and page.locator("#key-bar").is_hidden()
-    set_slider(page, "#temperature", 0)
-    page.fill("#max-tokens", str(MAX_TOKENS))
     page.fill("#prompt", "hello")
     page.click("#send")
     page.locator(".msg.assistant[data-state=done]").wait_for()
@@ -308,11 +314,8 @@ def test_stop_ends_the_answer_and_the_server_stops_generating_it(keyed_app, page
     url, secret = keyed_app
     before = cancelled_rows("webkey")
     page.goto(f"{url}/")
-    page.fill("#api-key", secret)
-    page.click("#key-form button")
-    page.locator("#model.connected").wait_for()
-    set_slider(page, "#temperature", 0)
-    page.fill("#max-tokens", str(LONG))
+    enter_key(page, secret)
+    connected_greedy(page, LONG)
     page.fill("#prompt", "tell me a story")
     page.click("#send")
     expect(page.locator(".msg.assistant[data-state=streaming] .text")).to_have_text(re.compile(r"\S"))

@@ -70,15 +70,19 @@
 
   // ------------------------------------------------------------------ connection and model name
 
+  function notConnected(text) {
+    el.model.textContent = "not connected";
+    showError(text);
+    setStatus("");
+  }
+
   async function connect() {
     setStatus("connecting…");
     let response;
     try {
       response = await fetch(`${root}/v1/models`, {headers: headers()});
     } catch (err) {
-      el.model.textContent = "not connected";
-      showError(describe(err));
-      setStatus("");
+      notConnected(describe(err));
       return;
     }
     if (response.status === 401) {
@@ -89,9 +93,7 @@
       return;
     }
     if (!response.ok) {
-      el.model.textContent = "not connected";
-      showError(describe(await failureOf(response)));
-      setStatus("");
+      notConnected(describe(await failureOf(response)));
       return;
     }
     const body = await response.json();
