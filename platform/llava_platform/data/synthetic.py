@@ -115,15 +115,19 @@ def _save(img: Image.Image, path: Path) -> None:
         img.save(path, format="PNG", optimize=False)
 
 
+def geometry(scene: Scene, scale: int = 1) -> list[tuple[float, float, float]]:
+    """Each shape's centre and radius in pixels, in the order of ``scene.shapes``."""
+    cw, ch = scene.width * scale / 3, scene.height * scale / 3
+    return [((s.col + 0.5 + jx) * cw, (s.row + 0.5 + jy) * ch, min(cw, ch) * (0.24 if s.size == "small" else 0.42))
+            for s, (jx, jy) in zip(scene.shapes, scene.jitter)]
+
+
 def render(scene: Scene, scale: int = 1) -> Image.Image:
     """Draw a scene with Pillow (RGB), ``scale`` times its nominal size."""
     w, h = scene.width * scale, scene.height * scale
     img = Image.new("RGB", (w, h), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
-    cw, ch = w / 3, h / 3
-    for shape, (jx, jy) in zip(scene.shapes, scene.jitter):
-        cx, cy = (shape.col + 0.5 + jx) * cw, (shape.row + 0.5 + jy) * ch
-        r = min(cw, ch) * (0.24 if shape.size == "small" else 0.42)
+    for shape, (cx, cy, r) in zip(scene.shapes, geometry(scene, scale)):
         fill = COLOURS[shape.colour]
         if shape.kind == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -179,16 +183,54 @@ def detailed_description(scene: Scene) -> str:
     return " ".join(lines)
 
 
+def _unique(scene: Scene, attr: str, value: str) -> bool:
+    return sum(getattr(s, attr) == value for s in scene.shapes) == 1
+
+
+def colour_referent(scene: Scene, s: Shape) -> str:
+    """How a colour question names ``s``: by an attribute no other shape in the scene shares."""
+    if len(scene.shapes) == 1:
+        return "shape"
+    if _unique(scene, "kind", s.kind):
+        return s.kind
+    return f"shape at the {s.position}"  # positions are distinct grid cells
+
+
+def shape_referent(scene: Scene, s: Shape) -> str:
+    """How a shape question names ``s`` (never by its kind)."""
+    if len(scene.shapes) == 1:
+        return "object"
+    if _unique(scene, "colour", s.colour):
+        return f"{s.colour} object"
+    return f"object at the {s.position}"
+
+
+def position_referent(scene: Scene, s: Shape, rng: random.Random) -> str:
+    """How a position question names ``s``: colour + kind (distinct by construction), or one of them
+    alone where it is unique."""
+    options = [s.name]
+    if _unique(scene, "kind", s.kind):
+        options.append(s.kind)
+    if _unique(scene, "colour", s.colour):
+        options.append(f"{s.colour} shape")
+    return rng.choice(options)
+
+
 def qa_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str, str]]:
-    """Questions about a scene as ``(category, question, short answer, long answer)``."""
+    """Questions about a scene as ``(category, question, short answer, long answer)``.
+
+    Every question has exactly one right answer: an object is named only by what singles it out in
+    its scene (its kind, colour, colour + kind or grid cell; see the ``*_referent`` functions).
+    """
     out = []
     n = len(scene.shapes)
     for s in scene.shapes:
-        subject = "shape" if n == 1 else s.kind
-        out.append(("colour", f"What colour is the {subject}?", s.colour, f"The {subject} is {s.colour}."))
-        obj = "object" if n == 1 else f"{s.colour} object"
-        out.append(("shape", f"What shape is the {obj}?", s.kind, f"The {obj} is {_a(s.kind)}."))
-        out.append(("position", f"Where is the {s.name}?", s.position, f"The {s.name} is at the {s.position}."))
+        ref = colour_referent(scene, s)
+        out.append(("colour", f"What colour is the {ref}?", s.colour, f"The {ref} is {s.colour}."))
+        ref = shape_referent(scene, s)
+        out.append(("shape", f"What shape is the {ref}?", s.kind, f"The {ref} is {_a(s.kind)}."))
+        ref = position_referent(scene, s, rng)
+        out.append(("position", f"Where is the {ref}?", s.position, f"The {ref} is at the {s.position}."))
     out.append(
         ("count", "How many shapes are in the image?", str(n), f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]}.")
     )
@@ -346,6 +388,20 @@ class SynthSummary:
         return asdict(self)
 
 
+def scene_record(image: str, scene: Scene) -> dict:
+    """A scene as data (like GQA's scene graphs): what each image shows, for checking questions."""
+    return {"image": image, "width": scene.width, "height": scene.height, "background": scene.background,
+            "shapes": [{**asdict(s), "position": s.position, "center": [round(x, 2), round(y, 2)], "radius": round(r, 2)}
+                       for s, (x, y, r) in zip(scene.shapes, geometry(scene))]}
+
+
+def scene_from_record(record: dict) -> Scene:
+    """The :class:`Scene` a :func:`scene_record` row describes (its jitter is not kept: what it shows is)."""
+    shapes = tuple(Shape(kind=s["kind"], colour=s["colour"], size=s["size"], row=s["row"], col=s["col"])
+                   for s in record["shapes"])
+    return Scene(shapes, record["background"], record["width"], record["height"])
+
+
 def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | None = None,
                   text_only_fraction: float = 0.03, scale: int = 1, image_format: str = "png") -> SynthSummary:
     """Write the synthetic world to ``out``: images, ``pretrain.json``, ``instruct.json``, ``eval/``.
@@ -367,11 +423,12 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "eval" / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    pretrain, instruct = [], []
+    pretrain, instruct, scenes, eval_scenes = [], [], [], []
     for i in range(n):
         scene = random_scene(rng)
         name = f"{i:06d}.{image_format}"
         _save(render(scene, scale), out / "images" / name)
+        scenes.append(scene_record(name, scene))
         pretrain.append(pretrain_record(i, name, scene, rng))
         instruct.append(instruct_record(i, name, scene, rng))
     for j in range(int(round(n * text_only_fraction))):
@@ -383,11 +440,13 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
         scene = random_scene(rng)
         name = f"eval_{k:05d}.{image_format}"
         _save(render(scene, scale), out / "eval" / "images" / name)
+        eval_scenes.append(scene_record(name, scene))
         for q, a in eval_questions(k, name, scene, rng):
             questions.append(q)
             answers.append(a)
     (out / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
     (out / "instruct.json").write_text(json.dumps(instruct, indent=1))
-    for fname, rows in (("questions.jsonl", questions), ("answers_key.jsonl", answers)):
-        (out / "eval" / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path, rows in ((out / "scenes.jsonl", scenes), (out / "eval" / "scenes.jsonl", eval_scenes),
+                       (out / "eval" / "questions.jsonl", questions), (out / "eval" / "answers_key.jsonl", answers)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return SynthSummary(str(out), n, n_eval, len(pretrain), len(instruct), len(questions))
