@@ -2,6 +2,9 @@
 
 from llava_platform.config.loader import apply_overrides, load_config, parse_overrides
 from llava_platform.config.schema import (
+    ComponentsJobConfig,
+    LanguageModelSpec,
+    VisionTowerSpec,
     DataConfig,
     EvalConfig,
     ModelSpec,
@@ -15,6 +18,9 @@ from llava_platform.config.schema import (
 )
 
 __all__ = [
+    "ComponentsJobConfig",
+    "LanguageModelSpec",
+    "VisionTowerSpec",
     "DataConfig",
     "EvalConfig",
     "EvalJobConfig",

@@ -11,7 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-Stage = Literal["pretrain", "finetune"]
+#: LLaVA's two stages (feature alignment, visual instruction tuning).
+LlavaStage = Literal["pretrain", "finetune"]
+#: Stage 0 of the embedded default: the pretrained parts LLaVA composes, made on the synthetic world.
+ComponentStage = Literal["vision_tower", "language_model"]
+Stage = Literal["pretrain", "finetune", "vision_tower", "language_model"]
 TemplateName = Literal["plain", "llava_v1"]
 
 #: The conversation template each LLaVA stage trains with (LLaVA-1.5: ``plain`` for feature
@@ -159,6 +163,9 @@ class TrainConfig(StrictModel):
     group_by_modality_length: bool = False
     unfreeze_vision_tower: bool = False
     lora: LoraConfig | None = None
+    # Log, at each logging step, the micro-batch's loss with its images blanked (the mean colour)
+    # beside its real loss: what the images contribute (the proof of stage 1's alignment).
+    blank_image_probe: bool = False
     save_steps: int = Field(500, gt=0)
     num_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(3, ge=-1)
@@ -175,6 +182,8 @@ class TrainConfig(StrictModel):
             )
         if self.lora is not None and self.stage != "finetune":
             raise ValueError("`lora` applies to stage `finetune` only (stage 1 trains the projector alone)")
+        if self.stage in ("vision_tower", "language_model") and (self.unfreeze_vision_tower or self.blank_image_probe):
+            raise ValueError(f"`unfreeze_vision_tower` and `blank_image_probe` are LLaVA-stage settings, not for {self.stage}")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("`offload_params` needs zero_stage 3")
         return self
@@ -268,7 +277,7 @@ class EvalConfig(StrictModel):
 class PreprocessJobConfig(StrictModel):
     """`jobs/preprocess.py`: LLaVA JSON + images -> tokenized Parquet shards."""
 
-    stage: Stage
+    stage: LlavaStage
     # The model whose tokenizer and image size the records are prepared for.
     model: ModelSpec
     data: DataConfig
@@ -316,6 +325,13 @@ class TrainJobConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
 
+    @model_validator(mode="after")
+    def _llava_stage(self) -> "TrainJobConfig":
+        if self.train.stage not in ("pretrain", "finetune"):
+            raise ValueError(f"train.stage {self.train.stage!r}: a LLaVA training job is stage pretrain or finetune"
+                             " (vision_tower and language_model are stage 0: jobs/pretrain_components.py)")
+        return self
+
     def with_absolute_paths(self) -> "TrainJobConfig":
         """The same config with local paths absolute, as Ray workers need them."""
         from llava_platform.storage import absolute
@@ -332,3 +348,117 @@ class EvalJobConfig(StrictModel):
     eval: EvalConfig
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 0 of the embedded default: pretrained parts made on the synthetic world
+# ---------------------------------------------------------------------------------------------
+
+
+class VisionTowerSpec(StrictModel):
+    """A CLIP-style vision tower made on the synthetic world: ``transformers.CLIPModel`` (vision + text
+    towers) with its contrastive loss on image-caption pairs, plus a dense objective on the patch
+    features that LLaVA takes (``feature_layer``): each patch names what its grid cell holds (kind and
+    colour, jointly, so the features must bind them) and where it is. Contrastive captions alone are bag
+    of words and do not teach binding (CLIP is known to be weak there)."""
+
+    # 96 px in patches of 32: one image token per cell of the world's 3x3 grid (9 tokens).
+    image_size: int = Field(96, gt=0)
+    patch_size: int = Field(32, gt=0)
+    hidden_size: int = Field(128, gt=0)
+    layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    # The CLIP text tower, used only for the contrastive loss and dropped from the export.
+    text_hidden_size: int = Field(128, gt=0)
+    text_layers: int = Field(2, gt=0)
+    projection_dim: int = Field(128, gt=0)
+    # The hidden state the dense objective reads: the one LLaVA's `vision_feature_layer` takes.
+    feature_layer: int = -2
+    contrastive_weight: float = Field(1.0, ge=0)
+    cell_weight: float = Field(1.0, ge=0)
+    position_weight: float = Field(0.5, ge=0)
+    # Patches that hold a shape weigh this much more than empty ones in the cell loss.
+    object_weight: float = Field(5.0, gt=0)
+    max_caption_tokens: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VisionTowerSpec":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+        if not -self.layers - 1 <= self.feature_layer <= self.layers:
+            raise ValueError(f"feature_layer {self.feature_layer} is outside the tower's {self.layers} layers")
+        return self
+
+
+class LanguageModelSpec(StrictModel):
+    """A small ``LlamaForCausalLM`` with a byte-level BPE tokenizer, trained on the world's text."""
+
+    hidden_size: int = Field(128, gt=0)
+    layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    vocab_size: int = Field(2048, gt=300)
+    max_position_embeddings: int = Field(2048, gt=0)
+    tie_word_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "LanguageModelSpec":
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+        return self
+
+
+class ComponentRunConfig(StrictModel):
+    """One stage-0 training run as its workers see it."""
+
+    name: str
+    component: ComponentStage
+    vision_tower: VisionTowerSpec = VisionTowerSpec()
+    language_model: LanguageModelSpec = LanguageModelSpec()
+    train: TrainConfig
+    seed: int = 0
+
+
+class ComponentsJobConfig(StrictModel):
+    """`jobs/pretrain_components.py`: the pretrained parts of the embedded default, made on a synthetic
+    world (``llava-platform data synth``) with Ray Train + DeepSpeed, then composed into a LLaVA exactly
+    as CLIP ViT-L/14-336 + Vicuna-7B are (``model build --vision-tower DIR --llm DIR``)."""
+
+    # Prefix of the two runs' names (<name>-vision-tower, <name>-language-model).
+    name: str = "components"
+    # A synthetic world written by `llava-platform data synth` (images/, scenes.jsonl, *.json).
+    world: str
+    # vision_tower/ and language_model/ (plain HF directories) are written here.
+    output_path: str
+    # Ray Train checkpoints of both runs.
+    storage_path: str
+    vision_tower: VisionTowerSpec = VisionTowerSpec()
+    language_model: LanguageModelSpec = LanguageModelSpec()
+    # The two runs' training settings (their `stage` is set here: vision_tower, language_model).
+    vision_tower_train: TrainConfig
+    language_model_train: TrainConfig
+    seed: int = 0
+    # Keep a component whose output was made from the same world and settings (its fingerprint
+    # matches) instead of training it again.
+    reuse: bool = True
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages(cls, data):
+        if isinstance(data, dict):
+            for key, stage in (("vision_tower_train", "vision_tower"), ("language_model_train", "language_model")):
+                section = data.get(key)
+                if isinstance(section, dict):
+                    if section.get("stage", stage) != stage:
+                        raise ValueError(f"{key}.stage must be {stage} (or left out)")
+                    data = {**data, key: {**section, "stage": stage}}
+        return data
+
+    def with_absolute_paths(self) -> "ComponentsJobConfig":
+        from llava_platform.storage import absolute
+
+        return self.model_copy(update={"world": absolute(self.world), "output_path": absolute(self.output_path),
+                                       "storage_path": absolute(self.storage_path)})

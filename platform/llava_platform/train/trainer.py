@@ -30,7 +30,11 @@ class TrainResult:
 
 def steps_for(job: TrainJobConfig, records: int) -> int:
     """Optimizer steps: ``max_steps``, else epochs x (micro-batches per worker per epoch / accumulation)."""
-    t = job.train
+    return steps_for_records(job.train, records)
+
+
+def steps_for_records(t, records: int) -> int:
+    """:func:`steps_for` for a ``TrainConfig``."""
     per_worker = records // t.num_workers
     micro_per_epoch = per_worker // t.micro_batch_size
     if micro_per_epoch == 0:
@@ -148,60 +152,80 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     Raises:
         TrainingError: data and model do not match, or training failed.
     """
-    import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from llava_platform.data.pipeline import open_prepared
     from llava_platform.model.builder import load_processor
-    from llava_platform.train.loop import train_loop
-    from llava_platform.train.tracking import ensure_run, flatten, tracking_uri
 
     import mlflow
 
     job = job.with_absolute_paths()
-    uri = tracking_uri(job.tracking, default_dir=os.path.join(os.getcwd(), "mlruns"))
+    uri = resolve_tracking_uri(job.tracking)
     mlflow.set_tracking_uri(uri)  # model URIs like runs:/... resolve against this server
     dataset, manifest = open_prepared(job.prepared_data, job.storage)
     processor, model_config = load_processor(job.model, job.storage)
     check_data_matches_model(job, manifest, processor.tokenizer, model_config)
     total_steps = steps_for(job, manifest["written"])
-    artifact_root = None
-    if uri.startswith("sqlite:///") and not job.tracking.artifact_location:
-        artifact_root = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
     parent = parent_run_id(job)
-    tags = {"stage": job.train.stage, "llava_platform.run_name": job.name, **system_facts()}
-    if parent:
-        tags["stage1_run_id"] = parent
-    run_key = storage.join(job.storage_path, job.name)
-    run_id = ensure_run(job.tracking, uri, run_key, job.name, flatten(json.loads(job.model_dump_json())), tags,
-                        artifact_root)
+    tags = {"stage1_run_id": parent} if parent else {}
+    run_id = start_run(job.tracking, uri, job.name, job.storage_path, job.train.stage, job, tags)
+    ckpt = fit("llava", job, job.train, job.name, dataset, total_steps, job.storage_path, job.storage, {
+        "image_size": manifest["sample_spec"]["image_size"], "tracking_uri": uri, "mlflow_run_id": run_id,
+        "parent_run_id": parent, "output_path": job.output_path,
+        "registered_model_name": job.tracking.registered_model_name}, deepspeed_overrides, trace_dir)
+    return TrainResult(job.name, run_id, uri, job.output_path, total_steps, ckpt)
 
-    t = job.train
-    check_room_for_data(t.num_workers * t.cpus_per_worker)
-    arrow_fs, storage_path = storage.arrow_filesystem(job.storage_path, job.storage)
-    resources = {"CPU": t.cpus_per_worker, **t.resources_per_worker}
+
+def resolve_tracking_uri(cfg) -> str:
+    """The run's MLflow URI: the config's, ``MLFLOW_TRACKING_URI``, or SQLite in ``./mlruns``."""
+    from llava_platform.train.tracking import tracking_uri
+
+    return tracking_uri(cfg, default_dir=os.path.join(os.getcwd(), "mlruns"))
+
+
+def start_run(tracking, uri: str, name: str, storage_path: str, stage: str, job, tags: dict[str, str]) -> str:
+    """The MLflow run of training run ``name`` (one across retries and re-runs; params are the resolved
+    config, tags the stage and the system's facts)."""
+    from llava_platform.train.tracking import ensure_run, flatten
+
+    artifact_root = None
+    if uri.startswith("sqlite:///") and not tracking.artifact_location:
+        artifact_root = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
+    tags = {"stage": stage, "llava_platform.run_name": name, **system_facts(), **tags}
+    run_key = storage.join(storage_path, name)
+    return ensure_run(tracking, uri, run_key, name, flatten(json.loads(job.model_dump_json())), tags, artifact_root)
+
+
+def fit(objective: str, job, train, name: str, dataset, total_steps: int, storage_path: str, storage_config,
+        facts: dict[str, Any], deepspeed_overrides: dict[str, Any] | None = None,
+        trace_dir: str | None = None) -> str | None:
+    """Run the worker loop for ``objective`` on Ray Train with ``dataset``; returns the last checkpoint's
+    path. The job config travels to the workers as the typed object (secrets stay ``SecretStr``).
+
+    Raises:
+        TrainingError: training failed.
+    """
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llava_platform.train.loop import train_loop
+
+    check_room_for_data(train.num_workers * train.cpus_per_worker)
+    arrow_fs, path = storage.arrow_filesystem(storage_path, storage_config)
+    resources = {"CPU": train.cpus_per_worker, **train.resources_per_worker}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "job": json.loads(job.model_dump_json(round_trip=True)) | {"storage": _storage_dict(job)},
-            "total_steps": total_steps,
-            "image_size": manifest["sample_spec"]["image_size"],
-            "tracking_uri": uri,
-            "mlflow_run_id": run_id,
-            "parent_run_id": parent,
-            "deepspeed_overrides": deepspeed_overrides,
-            "trace_dir": trace_dir,
-        },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
-                                     accelerator_type=t.accelerator_type),
+        train_loop_config={"objective": objective, "job": job, "total_steps": total_steps, "run_name": name,
+                           "storage": storage_config, "deepspeed_overrides": deepspeed_overrides,
+                           "trace_dir": trace_dir, **facts},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=resources, accelerator_type=train.accelerator_type),
         run_config=RunConfig(
-            name=job.name,
-            storage_path=storage_path,
-            storage_filesystem=arrow_fs if storage.is_remote(job.storage_path) else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            name=name,
+            storage_path=path,
+            storage_filesystem=arrow_fs if storage.is_remote(storage_path) else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.num_to_keep),
+            failure_config=FailureConfig(max_failures=train.max_failures),
         ),
         datasets={"train": dataset},
         # A fixed read order makes every epoch's micro-batches reproducible, so a resumed attempt can
@@ -211,20 +235,8 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise TrainingError(f"training run {job.name!r} failed: {e}") from e
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainResult(job.name, run_id, uri, job.output_path, total_steps, ckpt)
-
-
-def _storage_dict(job: TrainJobConfig) -> dict[str, Any]:
-    """Storage settings with secrets in clear for the workers (``model_dump_json`` masks them)."""
-    s = job.storage
-    d = json.loads(s.model_dump_json())
-    if s.secret_access_key is not None:
-        d["secret_access_key"] = s.secret_access_key.get_secret_value()
-    if s.session_token is not None:
-        d["session_token"] = s.session_token.get_secret_value()
-    return d
+        raise TrainingError(f"training run {name!r} failed: {e}") from e
+    return result.checkpoint.path if result.checkpoint is not None else None
 
 
 def run_stage(job: TrainJobConfig) -> TrainResult:

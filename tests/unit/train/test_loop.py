@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from llava_platform.config import PreprocessJobConfig, TrainJobConfig, load_config
 from llava_platform.data.pipeline import prepare
 from llava_platform.model.builder import build_preset
-from llava_platform.train.loop import apply_lora
+from llava_platform.train.objectives import apply_lora
 from llava_platform.train.trainer import TrainingError, run_training
 
 pytestmark = pytest.mark.ray
@@ -23,8 +23,9 @@ pytestmark = pytest.mark.ray
 STEPS = 8
 # Stage-1 loss per step for the fixed seeds and data below (ZeRO-2, fp32, 2 workers); a regression
 # guard with a tolerance, not a target. Re-pinned when the synthetic stage-2 mix gained VQA records
-# (the generator's random stream, and so the pretrain captions of synth_dir, changed).
-STAGE1_LOSS = [6.25635, 6.20150, 6.18716, 6.17667, 6.12129, 6.08922, 6.10058, 6.12076]
+# (the generator's random stream, and so the pretrain captions of synth_dir, changed), and again when
+# questions started naming each shape only by what is unique in its scene (same reason).
+STAGE1_LOSS = [6.24822, 6.23688, 6.21067, 6.19644, 6.16836, 6.10579, 6.16248, 6.15800]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_stage1_zero2_trains_only_the_projector(stage1):
 def test_stage1_loss_regression(stage1):
     _, _, result = stage1
     losses = loss_history(result)
-    assert losses == pytest.approx(STAGE1_LOSS, rel=1e-3), [round(x, 5) for x in losses]
+    assert losses == pytest.approx(STAGE1_LOSS, rel=1e-3), ", ".join(f"{x:.5f}" for x in losses)
 
 
 def test_stage2_zero3_keeps_the_vision_tower(stage1, stage2):
