@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from llava_platform.config import EvalJobConfig, PreprocessJobConfig, TrainJobConfig, load_config
+from llava_platform.config import ComponentsJobConfig, EvalJobConfig, PreprocessJobConfig, TrainJobConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 KINDS = {"preprocess": PreprocessJobConfig, "pretrain": TrainJobConfig, "finetune": TrainJobConfig,
-         "evaluate": EvalJobConfig}
+         "evaluate": EvalJobConfig, "components": ComponentsJobConfig}
 
 
 def kind_of(path: Path):
@@ -28,6 +28,7 @@ def test_every_real_config_has_a_smoke_twin():
     assert real
     for p in real:
         # pretrain_7b.yaml -> pretrain_smoke.yaml; preprocess_lcs558k.yaml -> preprocess_lcs558k_smoke.yaml
-        twin = p.with_name(p.stem.removesuffix("_7b") + "_smoke.yaml")
+        # components_small.yaml (the embedded default's stage 0) -> components_smoke.yaml
+        twin = p.with_name(p.stem.removesuffix("_7b").removesuffix("_small") + "_smoke.yaml")
         assert twin.exists(), f"{p.name} has no smoke twin"
         assert kind_of(twin) is kind_of(p)

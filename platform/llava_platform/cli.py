@@ -4,6 +4,7 @@
     llava-platform data prepare --data data/synth/instruct.json --image-root data/synth/images \
         --preset tiny --stage finetune --out data/prepared/finetune
     llava-platform model build --preset tiny --out models/tiny
+    llava-platform model pretrain-components --config jobs/configs/components_small.yaml --world data/synth
     llava-platform model build --vision-tower openai/clip-vit-large-patch14-336 --llm lmsys/vicuna-7b-v1.5 --out s3://bucket/llava-init
     llava-platform demo
 
@@ -49,7 +50,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     msub = model.add_subparsers(dest="model_cmd", required=True)
     build = msub.add_parser("build", help="build a LLaVA model and write it in HF format")
     src = build.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="tiny (tests) or small (demo): built from config, tokenizer trained locally")
+    src.add_argument("--preset", help="tiny (tests) or small: random weights, built from config, tokenizer trained locally")
     src.add_argument("--checkpoint", help="an existing LLaVA checkpoint in HF format (path or s3://)")
     src.add_argument("--vision-tower", help="CLIP vision tower: hub id, path or s3:// URI (use with --llm)")
     build.add_argument("--llm", help="causal LM (llama family): hub id, path or s3:// URI")
@@ -60,6 +61,15 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0, help="seed for random initialisation (default 0)")
     build.add_argument("--out", required=True, help="output directory or s3:// URI")
     build.set_defaults(func=_cmd_model_build)
+    comp = msub.add_parser("pretrain-components",
+                           help="stage 0 of the embedded default: a small CLIP-style tower and LLM on a synthetic world")
+    comp.add_argument("--config", help="a components YAML (jobs/configs/components_*.yaml); flags override it")
+    comp.add_argument("--world", help="a world from `data synth` (world)")
+    comp.add_argument("--out", help="where tokenizer/, vision_tower/ and language_model/ go (output_path)")
+    comp.add_argument("--runs", help="Ray Train checkpoints (storage_path)")
+    comp.add_argument("--no-reuse", action="store_true", help="train again even when the outputs match (reuse=false)")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
+    comp.set_defaults(func=_cmd_model_components)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -115,11 +125,27 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_components(args: argparse.Namespace) -> int:
+    from llava_platform.config.loader import load_config
+    from llava_platform.config.schema import ComponentsJobConfig
+    from llava_platform.ray_utils import init_ray
+    from llava_platform.train.components import run_components
+
+    flags = {"world": args.world, "output_path": args.out, "storage_path": args.runs,
+             "reuse": "false" if args.no_reuse else None}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
+    cfg = load_config(args.config, ComponentsJobConfig, overrides)
+    init_ray()
+    run_components(cfg)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from llava_platform.demo import run_demo
 
-    run_demo(args.workdir, n=args.n, preset=args.preset, steps=args.steps, finetune_steps=args.finetune_steps,
-             n_eval=args.n_eval, serve_port=args.port, wait=not args.no_wait)
+    run_demo(args.workdir, n=args.n, steps=args.steps, finetune_steps=args.finetune_steps,
+             tower_steps=args.tower_steps, lm_steps=args.lm_steps, n_eval=args.n_eval, components=args.component,
+             serve_port=args.port, wait=not args.no_wait)
     return 0
 
 
@@ -178,7 +204,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # What `make demo` runs: sized to finish on a 2-core laptop in the time the README states.
-DEMO_DEFAULTS = {"n": 3000, "steps": 100, "finetune_steps": 300}
+DEMO_DEFAULTS = {"n": 3000, "steps": 100, "finetune_steps": 600, "tower_steps": 600, "lm_steps": 300}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=DEMO_DEFAULTS["n"],
                       help=f"synthetic training scenes (default {DEMO_DEFAULTS['n']})")
     demo.add_argument("--n-eval", type=int, default=40, help="held-out scenes, 5 questions each (default 40)")
-    demo.add_argument("--preset", default="small", help="model preset: small (default) or tiny")
+    demo.add_argument("--tower-steps", type=int, default=DEMO_DEFAULTS["tower_steps"],
+                      help=f"stage 0: vision tower optimizer steps (default {DEMO_DEFAULTS['tower_steps']})")
+    demo.add_argument("--lm-steps", type=int, default=DEMO_DEFAULTS["lm_steps"],
+                      help=f"stage 0: language model optimizer steps (default {DEMO_DEFAULTS['lm_steps']})")
+    demo.add_argument("--component", action="append", default=[], metavar="KEY=VALUE",
+                      help="override stage 0's config, e.g. --component vision_tower.hidden_size=256 (repeatable)")
     demo.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"],
                       help=f"stage-1 optimizer steps (default {DEMO_DEFAULTS['steps']})")
     demo.add_argument("--finetune-steps", type=int, default=DEMO_DEFAULTS["finetune_steps"],
