@@ -19,7 +19,7 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -94,9 +94,13 @@ class Scene:
     jitter: tuple[tuple[float, float], ...] = field(default=())
 
 
-def random_scene(rng: random.Random) -> Scene:
+#: How many shapes a scene holds, drawn uniformly from this tuple (1-3, fewer threes).
+SHAPE_COUNTS = (1, 1, 2, 2, 3)
+
+
+def random_scene(rng: random.Random, shape_counts: Sequence[int] = SHAPE_COUNTS) -> Scene:
     """Draw a scene: 1-3 shapes in distinct grid cells, distinct (colour, kind) pairs."""
-    n = rng.choice((1, 1, 2, 2, 3))
+    n = rng.choice(shape_counts)
     cells = rng.sample(range(9), n)
     pairs = rng.sample([(k, c) for k in SHAPES for c in COLOURS], n)
     shapes = tuple(
@@ -403,7 +407,8 @@ def scene_from_record(record: dict) -> Scene:
 
 
 def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | None = None,
-                  text_only_fraction: float = 0.03, scale: int = 1, image_format: str = "png") -> SynthSummary:
+                  text_only_fraction: float = 0.03, scale: int = 1, image_format: str = "png",
+                  shape_counts: Sequence[int] = SHAPE_COUNTS) -> SynthSummary:
     """Write the synthetic world to ``out``: images, ``pretrain.json``, ``instruct.json``, ``eval/``.
 
     Args:
@@ -414,18 +419,22 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
         text_only_fraction: share of extra text-only instruct samples.
         scale: draw images ``scale`` times larger (4 gives COCO-like 512-640 px sides, for benchmarks).
         image_format: ``png`` (lossless, the default) or ``jpg`` (like COCO).
+        shape_counts: shapes per scene, drawn uniformly from these (each 1-3; ``(1,)``: one shape
+            per image, a world where no question needs to tell shapes apart).
     """
     if image_format not in ("png", "jpg"):
         raise ValueError("image_format must be png or jpg")
     if n < 1:
         raise ValueError("n must be at least 1")
+    if not shape_counts or not set(shape_counts) <= {1, 2, 3}:
+        raise ValueError(f"shape_counts must be drawn from 1, 2 and 3, got {tuple(shape_counts)}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "eval" / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     pretrain, instruct, scenes, eval_scenes = [], [], [], []
     for i in range(n):
-        scene = random_scene(rng)
+        scene = random_scene(rng, shape_counts)
         name = f"{i:06d}.{image_format}"
         _save(render(scene, scale), out / "images" / name)
         scenes.append(scene_record(name, scene))
@@ -437,7 +446,7 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
     questions, answers = [], []
     n_eval = max(20, n // 10) if n_eval is None else n_eval
     for k in range(n_eval):
-        scene = random_scene(rng)
+        scene = random_scene(rng, shape_counts)
         name = f"eval_{k:05d}.{image_format}"
         _save(render(scene, scale), out / "eval" / "images" / name)
         eval_scenes.append(scene_record(name, scene))

@@ -3,6 +3,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from llava_platform.data import synthetic
@@ -119,3 +120,12 @@ def test_corpus_covers_the_world():
 def test_images_are_rgb_png(synth_dir):
     with Image.open(next((synth_dir / "images").iterdir())) as im:
         assert im.format == "PNG" and im.mode == "RGB"
+
+
+def test_shape_counts_choose_how_many_shapes_a_scene_holds(tmp_path):
+    synthetic.write_dataset(tmp_path / "one", n=30, seed=1, n_eval=10, shape_counts=(1,))
+    for f in ("scenes.jsonl", "eval/scenes.jsonl"):
+        rows = [json.loads(x) for x in (tmp_path / "one" / f).read_text().splitlines()]
+        assert {len(r["shapes"]) for r in rows} == {1}
+    with pytest.raises(ValueError, match="shape_counts must be drawn from 1, 2 and 3"):
+        synthetic.write_dataset(tmp_path / "bad", n=3, shape_counts=(4,))
