@@ -31,8 +31,6 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -41,10 +39,11 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_platform import storage
-from llava_platform.config.schema import ModelSpec, StorageConfig
+from llava_platform.config.schema import LanguageModelSpec, ModelSpec, StorageConfig
 from llava_platform.data import synthetic
 from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_template
 from llava_platform.errors import ModelBuildError
+from llava_platform.model.components import build_language_model
 from llava_platform.model.tokenizer import PAD, train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -131,22 +130,11 @@ def build_preset(
         patch_size=p.patch_size,
         projection_dim=p.vision_hidden,
     )
-    text_cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=p.text_hidden,
-        intermediate_size=int(p.text_hidden * 8 / 3),
-        num_hidden_layers=p.text_layers,
-        num_attention_heads=p.text_heads,
-        num_key_value_heads=p.text_heads,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    lm_spec = LanguageModelSpec(hidden_size=p.text_hidden, layers=p.text_layers, heads=p.text_heads,
+                                vocab_size=p.vocab_size)
     torch.manual_seed(seed)
     vision = CLIPVisionModel(vision_cfg)
-    llm = LlamaForCausalLM(text_cfg)
+    llm = build_language_model(lm_spec, tokenizer)
     image_processor = default_image_processor(p.image_size)
     spec = ModelSpec(preset=name, seed=seed, projector_type=projector_type,  # type: ignore[arg-type]
                      vision_feature_layer=vision_feature_layer,
