@@ -204,7 +204,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # What `make demo` runs: sized to finish on a 2-core laptop in the time the README states.
-DEMO_DEFAULTS = {"n": 3000, "steps": 100, "finetune_steps": 600, "tower_steps": 600, "lm_steps": 300}
+DEMO_DEFAULTS = {"n": 10000, "n_eval": 100, "steps": 200, "finetune_steps": 600, "tower_steps": 1000, "lm_steps": 150}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="demo_run", help="where data, models and runs go (default demo_run/)")
     demo.add_argument("--n", type=int, default=DEMO_DEFAULTS["n"],
                       help=f"synthetic training scenes (default {DEMO_DEFAULTS['n']})")
-    demo.add_argument("--n-eval", type=int, default=40, help="held-out scenes, 5 questions each (default 40)")
+    demo.add_argument("--n-eval", type=int, default=DEMO_DEFAULTS["n_eval"],
+                      help=f"held-out scenes, 5 questions each (default {DEMO_DEFAULTS['n_eval']})")
     demo.add_argument("--tower-steps", type=int, default=DEMO_DEFAULTS["tower_steps"],
                       help=f"stage 0: vision tower optimizer steps (default {DEMO_DEFAULTS['tower_steps']})")
     demo.add_argument("--lm-steps", type=int, default=DEMO_DEFAULTS["lm_steps"],

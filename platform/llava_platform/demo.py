@@ -1,10 +1,12 @@
 """The demo on the embedded default: local Ray on CPU, SQLite-backed MLflow, local files.
 
-Synthesise the shape world -> build the ``small`` preset -> preprocess both stages' data on Ray Data
--> stage 1 (projector) and stage 2 (projector + LLM, vision tower unfrozen: the preset's tower is
-randomly initialised, not CLIP) on Ray Train + DeepSpeed with 2 workers -> evaluate on held-out scenes
-with the blind baseline (Ray Data) -> deploy the Serve app -> one OpenAI-style request with a demo
-image -> print the answer, the accuracy table, the MLflow store, the web chat page and how to stop.
+Synthesise the shape world -> stage 0: make the pretrained parts LLaVA composes (a CLIP-style vision
+tower and a small Llama, each on Ray Train + DeepSpeed; cached) -> compose them into a LLaVA with the
+path CLIP ViT-L/14-336 + Vicuna-7B take (``model build --vision-tower DIR --llm DIR``) -> preprocess
+both stages' data on Ray Data -> stage 1 (projector only, with the image-vs-blank loss probe) and
+stage 2 (projector + LLM, tower frozen) on Ray Train + DeepSpeed with 2 workers -> evaluate on held-out
+scenes with the blind baseline (Ray Data) -> deploy the Serve app -> one OpenAI-style request with a
+demo image -> print the answer, the accuracy table, the MLflow store, the web chat page and how to stop.
 """
 
 from __future__ import annotations
@@ -14,28 +16,105 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Sequence
 
-from llava_platform.config import EvalJobConfig, PreprocessJobConfig, TrainJobConfig, load_config
+from llava_platform.config import (
+    ComponentsJobConfig,
+    EvalJobConfig,
+    ModelSpec,
+    PreprocessJobConfig,
+    TrainJobConfig,
+    load_config,
+)
 from llava_platform.data import synthetic
 from llava_platform.data.pipeline import prepare
 from llava_platform.eval.evaluate import run_evaluation
-from llava_platform.model.builder import build_preset, describe, save_model
+from llava_platform.model.builder import build_model, describe, save_model
 from llava_platform.ray_utils import init_ray
+from llava_platform.train.components import pretrain_components
 from llava_platform.train.trainer import run_training
 
-STAGES = (("pretrain", "pretrain.json", 1e-3), ("finetune", "instruct.json", 2e-4))
+# LLaVA's learning rates are for a 7B model at batch 256/128; the miniature's parts are ~1M parameters.
+STAGES = (("pretrain", 1e-3), ("finetune", 3e-3))
+# Stage 0's runs (sizes are ComponentsJobConfig's defaults; jobs/configs/components_small.yaml spells
+# them out). Two workers, half a CPU each, fp32; a metric line every 10 steps (a tiny model's step is
+# short enough that logging every one of them doubles its time, measured).
+WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5, "precision": "fp32", "zero_stage": 2, "logging_steps": 10}
+COMPONENT_TRAIN = {
+    "vision_tower_train": {**WORKERS, "global_batch_size": 64, "micro_batch_size": 32, "lr": 2e-3,
+                           "warmup_steps": 30, "weight_decay": 0.01, "lr_scheduler": "cosine"},
+    "language_model_train": {**WORKERS, "global_batch_size": 32, "micro_batch_size": 16, "lr": 2e-3,
+                             "warmup_steps": 20, "lr_scheduler": "cosine"},
+}
 
 
-def run_demo(workdir: str | Path, n: int = 3000, preset: str = "small", steps: int = 30, finetune_steps: int | None = None,
-             n_eval: int = 40, serve_port: int = 8000, wait: bool = True) -> dict:
+def train_embedded_default(work: Path, world: Path, tracking_uri: str, steps: int, finetune_steps: int,
+                           tower_steps: int, lm_steps: int, components: Sequence[str] = (),
+                           instruct: Path | None = None, experiment: str = "demo") -> dict:
+    """Stage 0 (cached), ``compose``, then LLaVA's two stages on ``world``, all under ``work``; Ray must
+    be initialised. ``instruct`` replaces the world's ``instruct.json`` for stage 2 (a data mix).
+    Returns the facts: per part and stage its steps, MLflow run, export and time."""
+    from llava_platform.config.loader import apply_overrides, validate
+
+    facts: dict = {"times": {}}
+    tracking = [f"tracking.tracking_uri={tracking_uri}", f"tracking.experiment={experiment}"]
+    t = time.time()
+    base = {"world": str(world), "output_path": str(work / "models" / "components"),
+            "storage_path": str(work / "runs"), "tracking": {"tracking_uri": tracking_uri, "experiment": experiment},
+            **{k: {**v, "max_steps": s, "save_steps": s}
+               for (k, v), s in zip(COMPONENT_TRAIN.items(), (tower_steps, lm_steps))}}
+    parts = pretrain_components(validate(ComponentsJobConfig, apply_overrides(base, components), "stage 0's settings"))
+    facts["components"] = {p.component: {"path": p.path, "reused": p.reused, "steps": p.steps,
+                                         "mlflow_run_id": p.mlflow_run_id, **p.final_metrics}
+                           for p in (parts.vision_tower, parts.language_model)}
+    facts["times"]["components"] = round(time.time() - t, 1)
+    for p in (parts.vision_tower, parts.language_model):
+        print(f"[demo] stage 0 {p.component}: {p.path} ({'reused' if p.reused else f'{p.steps} steps'})")
+
+    # The route openai/clip-vit-large-patch14-336 + lmsys/vicuna-7b-v1.5 take (`model build`).
+    model, processor = build_model(ModelSpec(vision_tower=parts.vision_tower.path, llm=parts.language_model.path))
+    init_dir = save_model(model, processor, str(work / "models" / "init"))
+    print(f"[demo] composed a LLaVA from them: {json.dumps(describe(model)['params'])}")
+    source = f"model.checkpoint={init_dir}"
+    data = {"pretrain": world / "pretrain.json", "finetune": instruct or world / "instruct.json"}
+    for stage, lr in STAGES:
+        t = time.time()
+        report = prepare(load_config(None, PreprocessJobConfig, [
+            f"stage={stage}", source, f"data.data_path={data[stage]}", f"data.image_root={world / 'images'}",
+            f"output_path={work / 'prepared' / stage}", "overwrite=true", "num_workers=2", "cpus_per_worker=0.5",
+            "data.max_length=512"]))
+        print(report.table())
+        n_steps = steps if stage == "pretrain" else finetune_steps
+        job = load_config(None, TrainJobConfig, [
+            f"name={experiment}-{stage}", source, f"prepared_data={work / 'prepared' / stage}",
+            f"storage_path={work / 'runs'}", f"output_path={work / 'models' / stage}", f"train.stage={stage}",
+            "train.num_workers=2", "train.cpus_per_worker=0.5", "train.global_batch_size=16",
+            "train.micro_batch_size=8", f"train.lr={lr}", f"train.max_steps={n_steps}", f"train.save_steps={n_steps}",
+            "train.precision=fp32", "train.zero_stage=2", "train.warmup_ratio=0.03",
+            f"train.blank_image_probe={'true' if stage == 'pretrain' else 'false'}",
+            f"train.logging_steps={max(1, min(5, n_steps // 4))}", *tracking,
+            f"tracking.registered_model_name=llava-{experiment}"])
+        result = run_training(job)
+        facts[stage] = {"prepared": report.written, "rejected": report.rejected, "mlflow_run_id": result.mlflow_run_id,
+                        "export": result.output_path, "steps": result.total_steps}
+        facts["times"][stage] = round(time.time() - t, 1)
+        source = f"model.checkpoint={result.output_path}"
+    facts["pretrain"]["image_vs_blank"] = _probe_gap(tracking_uri, facts["pretrain"]["mlflow_run_id"])
+    return facts
+
+
+def run_demo(workdir: str | Path, n: int = 10000, steps: int = 200, finetune_steps: int | None = 600,
+             tower_steps: int = 1000, lm_steps: int = 150, n_eval: int = 100, components: Sequence[str] = (),
+             serve_port: int = 8000, wait: bool = True) -> dict:
     """Run the whole pipeline end to end and return its facts (also printed).
 
     Args:
         workdir: where data, models, runs, evaluation and the MLflow store go.
         n: synthetic training scenes.
-        preset: model preset.
         steps: stage-1 optimizer steps; ``finetune_steps`` stage 2's (default: ``steps``).
+        tower_steps, lm_steps: stage 0's optimizer steps for the vision tower and the language model.
         n_eval: held-out scenes (five questions each).
+        components: ``key=value`` overrides of stage 0's config (e.g. ``vision_tower.hidden_size=32``).
         serve_port: the Serve HTTP port on 127.0.0.1 (if Serve already runs, its port is used).
         wait: keep serving until Ctrl-C after the demo request.
     """
@@ -44,34 +123,13 @@ def run_demo(workdir: str | Path, n: int = 3000, preset: str = "small", steps: i
     data_dir = work / "data"
     print(f"[demo] synthesising {n} scenes (+{n_eval} held out) into {data_dir}")
     summary = synthetic.write_dataset(data_dir, n=n, seed=0, n_eval=n_eval)
-    model, processor = build_preset(preset, seed=0)
-    init_dir = save_model(model, processor, str(work / "models" / "init"))
-    print(f"[demo] built the {preset} preset: {json.dumps(describe(model)['params'])}")
     init_ray()
-    facts: dict = {"synth": summary.as_dict(), "times": {}}
-    source = f"model.checkpoint={init_dir}"
     db = work / "mlruns" / "mlflow.db"
     tracking = f"tracking.tracking_uri=sqlite:///{db}"
-    for stage, fname, lr in STAGES:
-        t = time.time()
-        report = prepare(load_config(None, PreprocessJobConfig, [
-            f"stage={stage}", source, f"data.data_path={data_dir / fname}", f"data.image_root={data_dir / 'images'}",
-            f"output_path={work / 'prepared' / stage}", "overwrite=true", "num_workers=2", "cpus_per_worker=0.5",
-            "data.max_length=512"]))
-        print(report.table())
-        n_steps = steps if stage == "pretrain" else (finetune_steps or steps)
-        job = load_config(None, TrainJobConfig, [
-            f"name=demo-{stage}", source, f"prepared_data={work / 'prepared' / stage}", f"storage_path={work / 'runs'}",
-            f"output_path={work / 'models' / stage}", f"train.stage={stage}", "train.num_workers=2",
-            "train.cpus_per_worker=0.5", "train.global_batch_size=16", "train.micro_batch_size=8", f"train.lr={lr}",
-            f"train.max_steps={n_steps}", f"train.save_steps={n_steps}", "train.precision=fp32", "train.zero_stage=2",
-            "train.warmup_ratio=0.03", "train.unfreeze_vision_tower=" + ("true" if stage == "finetune" else "false"),
-            tracking, "tracking.experiment=demo", f"tracking.registered_model_name=llava-demo-{preset}"])
-        result = run_training(job)
-        facts[stage] = {"prepared": report.written, "rejected": report.rejected, "mlflow_run_id": result.mlflow_run_id,
-                        "export": result.output_path, "steps": result.total_steps}
-        facts["times"][stage] = round(time.time() - t, 1)
-        source = f"model.checkpoint={result.output_path}"
+    facts = train_embedded_default(work, data_dir, f"sqlite:///{db}", steps=steps,
+                                   finetune_steps=finetune_steps or steps, tower_steps=tower_steps,
+                                   lm_steps=lm_steps, components=components)
+    facts["synth"] = summary.as_dict()
     export = facts["finetune"]["export"]
 
     t = time.time()
@@ -97,6 +155,10 @@ def run_demo(workdir: str | Path, n: int = 3000, preset: str = "small", steps: i
     print(f"\n[demo] done in {facts['seconds']}s ({', '.join(f'{k} {v}s' for k, v in facts['times'].items())}).")
     print(f"[demo] OpenAI-style request to {url}/v1/chat/completions with {image}:")
     print(f"    Q: {question['text']!r}\n    A: {answer!r}   (expected: {expected!r})")
+    gap = facts["pretrain"]["image_vs_blank"]
+    if gap:
+        print(f"[demo] stage-1 loss with real images {gap['real']:.3f} vs images blanked {gap['blank']:.3f}"
+              f" (same batches, last {gap['points']} logged steps): the projector carries what the images show")
     print(f"[demo] held-out accuracy, model vs blind baseline (image withheld), {evaluation.answers} questions:")
     print(evaluation.scores.table() if evaluation.scores else "(no answer key)")
     print(f"[demo] chart and answers: {work / 'eval'}")
@@ -123,6 +185,19 @@ def run_demo(workdir: str | Path, n: int = 3000, preset: str = "small", steps: i
         serve.delete(app_name)
         print("[demo] the Serve app was removed; Ray stops with this process.")
     return facts
+
+
+def _probe_gap(uri: str, run_id: str, last: int = 4) -> dict | None:
+    """Stage 1's blank-image probe over its last ``last`` logged steps: mean real vs blank loss."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    real = client.get_metric_history(run_id, "loss_real_images")[-last:]
+    blank = client.get_metric_history(run_id, "loss_blank_images")[-last:]
+    if not real or not blank:
+        return None
+    return {"real": round(sum(m.value for m in real) / len(real), 4),
+            "blank": round(sum(m.value for m in blank) / len(blank), 4), "points": len(real)}
 
 
 def _deploy(export: str, port: int) -> tuple[str, str]:
