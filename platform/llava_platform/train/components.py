@@ -121,9 +121,9 @@ def _run(cfg: ComponentsJobConfig, component: str, dataset, records: int, out_di
                              seed=cfg.seed)
     t0 = time.time()
     total = steps_for_records(train, records)
-    run_id = start_run(cfg.tracking, uri, run.name, cfg.storage_path, component, run,
+    run_id = start_run(cfg.tracking, uri, run, cfg.storage_path,
                        {"llava_platform.world": cfg.world, "llava_platform.fingerprint": key})
-    fit(component, run, train, run.name, dataset, total, cfg.storage_path, cfg.storage,
+    fit(component, run, dataset, total, cfg.storage_path, cfg.storage,
         {"tokenizer_dir": tokenizer_dir, "tracking_uri": uri, "mlflow_run_id": run_id, "output_path": out_dir})
     seconds = round(time.time() - t0, 1)
     metrics = _final_metrics(uri, run_id)

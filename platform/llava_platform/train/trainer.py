@@ -166,8 +166,8 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     total_steps = steps_for(job, manifest["written"])
     parent = parent_run_id(job)
     tags = {"stage1_run_id": parent} if parent else {}
-    run_id = start_run(job.tracking, uri, job.name, job.storage_path, job.train.stage, job, tags)
-    ckpt = fit("llava", job, job.train, job.name, dataset, total_steps, job.storage_path, job.storage, {
+    run_id = start_run(job.tracking, uri, job, job.storage_path, tags)
+    ckpt = fit("llava", job, dataset, total_steps, job.storage_path, job.storage, {
         "image_size": manifest["sample_spec"]["image_size"], "tracking_uri": uri, "mlflow_run_id": run_id,
         "parent_run_id": parent, "output_path": job.output_path,
         "registered_model_name": job.tracking.registered_model_name}, deepspeed_overrides, trace_dir)
@@ -181,24 +181,27 @@ def resolve_tracking_uri(cfg) -> str:
     return tracking_uri(cfg, default_dir=os.path.join(os.getcwd(), "mlruns"))
 
 
-def start_run(tracking, uri: str, name: str, storage_path: str, stage: str, job, tags: dict[str, str]) -> str:
-    """The MLflow run of training run ``name`` (one across retries and re-runs; params are the resolved
-    config, tags the stage and the system's facts)."""
+def start_run(tracking, uri: str, job, storage_path: str, tags: dict[str, str]) -> str:
+    """The MLflow run of training run ``job.name`` (one across retries and re-runs; params are the
+    resolved config, tags the stage and the system's facts)."""
     from llava_platform.train.tracking import ensure_run, flatten
 
     artifact_root = None
     if uri.startswith("sqlite:///") and not tracking.artifact_location:
         artifact_root = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
-    tags = {"stage": stage, "llava_platform.run_name": name, **system_facts(), **tags}
+    name = job.name
+    tags = {"stage": job.train.stage, "llava_platform.run_name": name, **system_facts(), **tags}
     run_key = storage.join(storage_path, name)
     return ensure_run(tracking, uri, run_key, name, flatten(json.loads(job.model_dump_json())), tags, artifact_root)
 
 
-def fit(objective: str, job, train, name: str, dataset, total_steps: int, storage_path: str, storage_config,
+def fit(objective: str, job, dataset, total_steps: int, storage_path: str, storage_config,
         facts: dict[str, Any], deepspeed_overrides: dict[str, Any] | None = None,
         trace_dir: str | None = None) -> str | None:
-    """Run the worker loop for ``objective`` on Ray Train with ``dataset``; returns the last checkpoint's
-    path. The job config travels to the workers as the typed object (secrets stay ``SecretStr``).
+    """Run the worker loop for ``objective`` on Ray Train with ``dataset`` (``job``: a
+    ``TrainJobConfig`` or ``ComponentRunConfig``, its ``train`` the run's settings); returns the last
+    checkpoint's path. The job config travels to the workers as the typed object (secrets stay
+    ``SecretStr``).
 
     Raises:
         TrainingError: training failed.
@@ -210,6 +213,7 @@ def fit(objective: str, job, train, name: str, dataset, total_steps: int, storag
 
     from llava_platform.train.loop import train_loop
 
+    train, name = job.train, job.name
     check_room_for_data(train.num_workers * train.cpus_per_worker)
     arrow_fs, path = storage.arrow_filesystem(storage_path, storage_config)
     resources = {"CPU": train.cpus_per_worker, **train.resources_per_worker}
