@@ -119,6 +119,9 @@ class DataConfig(StrictModel):
     image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
     # Decompression-bomb guard (Pillow's own default limit).
     max_image_pixels: int = Field(89_478_485, gt=0)
+    # Thinner images are rejected (image_aspect_ratio) before decoding; so is one whose padded
+    # square is over max_image_pixels.
+    max_image_aspect_ratio: float = Field(20.0, ge=1)
     on_bad_record: Literal["skip", "fail"] = "skip"
 
 
@@ -227,7 +230,12 @@ class ServeConfig(StrictModel):
     max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
     # Refused before decoding: a small file that expands to a huge image (decompression bomb).
     max_image_pixels: int = Field(50_000_000, gt=0)
+    # Images wider than tall (or taller than wide) by more than this are refused before decoding:
+    # padding a 1x100000 image to a square would need 30 GB.
+    max_image_aspect_ratio: float = Field(20.0, ge=1)
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    # Characters of message text, checked before tokenizing (the context length bounds tokens).
+    max_prompt_chars: int = Field(262_144, gt=0)
     # Hosts from which http(s) image URLs may be fetched; empty: data: URLs only.
     allowed_image_hosts: list[str] = []
     # Projected image embeddings kept per VisionEncoder replica, keyed by the image's content hash.

@@ -18,12 +18,39 @@ from llava_platform.errors import RecordError
 AspectRatio = Literal["pad", "resize", "crop"]
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes into an RGB Pillow image, fully loaded.
+# Images longer than wide (or wider than long) by more than this are refused by default.
+MAX_ASPECT_RATIO = 20.0
+
+
+def check_size(w: int, h: int, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
+    """Refuse, from the header's size alone, an image whose decoding or squaring would cost too
+    much: over ``max_pixels``; thinner than ``1:max_aspect_ratio``; or whose padded square
+    (``max(w, h)**2``, what LLaVA's ``pad`` builds before resizing) is over ``max_pixels``.
 
     Raises:
-        RecordError: ``zero_size_image``, ``image_too_large`` (pixel limit; decompression bombs) or
-            ``undecodable_image`` (not an image, truncated, corrupt).
+        RecordError: ``zero_size_image``, ``image_too_large`` or ``image_aspect_ratio``.
+    """
+    if w <= 0 or h <= 0:
+        raise RecordError("zero_size_image", f"image is {w}x{h}")
+    if w * h > max_pixels:
+        raise RecordError("image_too_large", f"{w}x{h} = {w * h} pixels, over the limit {max_pixels}")
+    if max(w, h) > max_aspect_ratio * min(w, h):
+        raise RecordError("image_aspect_ratio", f"{w}x{h} is more than {max_aspect_ratio:g} times longer one way "
+                          "than the other (the limit on the aspect ratio)")
+    side = max(w, h)
+    if side * side > max_pixels:
+        raise RecordError("image_too_large", f"{w}x{h} padded to a square is {side}x{side} = {side * side} pixels, "
+                          f"over the limit {max_pixels}")
+
+
+def decode(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Decode image bytes into an RGB Pillow image, fully loaded, after :func:`check_size` passed
+    on the header's size (nothing is decoded before).
+
+    Raises:
+        RecordError: ``zero_size_image``, ``image_too_large`` (pixel limit; decompression bombs; the
+            padded square), ``image_aspect_ratio`` or ``undecodable_image`` (not an image,
+            truncated, corrupt).
     """
     if not data:
         raise RecordError("zero_size_image", "the image file is empty")
@@ -31,11 +58,7 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w == 0 or h == 0:
-                raise RecordError("zero_size_image", f"image is {w}x{h}")
-            if w * h > max_pixels:
-                raise RecordError("image_too_large", f"{w}x{h} = {w * h} pixels, over the limit {max_pixels}")
+            check_size(*img.size, max_pixels, max_aspect_ratio)
             img.load()
     except RecordError:
         raise

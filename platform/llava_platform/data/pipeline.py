@@ -199,7 +199,8 @@ def sample_spec_for(cfg: PreprocessJobConfig) -> tuple[Any, SampleSpec]:
     processor, model_config = load_processor(cfg.model, cfg.storage)
     template = cfg.data.template or STAGE_TEMPLATES[cfg.stage]
     spec = SampleSpec.from_processor(processor, model_config, template, cfg.data.max_length,
-                                     cfg.data.image_aspect_ratio, cfg.data.max_image_pixels)
+                                     cfg.data.image_aspect_ratio, cfg.data.max_image_pixels,
+                                     cfg.data.max_image_aspect_ratio)
     return processor.tokenizer, spec
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from llava_platform.data.conversation import IGNORE_INDEX, tokenize_record
-from llava_platform.data.images import AspectRatio, decode, normalize, prepare_image
+from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, decode, normalize, prepare_image
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,12 @@ class SampleSpec:
     image_std: tuple[float, float, float]
     aspect_ratio: AspectRatio = "pad"
     max_image_pixels: int = 89_478_485
+    max_image_aspect_ratio: float = MAX_ASPECT_RATIO
 
     @classmethod
     def from_processor(cls, processor: Any, model_config: Any, template: str, max_length: int,
-                       aspect_ratio: AspectRatio = "pad", max_image_pixels: int = 89_478_485) -> "SampleSpec":
+                       aspect_ratio: AspectRatio = "pad", max_image_pixels: int = 89_478_485,
+                       max_image_aspect_ratio: float = MAX_ASPECT_RATIO) -> "SampleSpec":
         from llava_platform.model.builder import num_image_tokens
 
         ip = processor.image_processor
@@ -45,6 +47,7 @@ class SampleSpec:
             image_std=tuple(ip.image_std),  # type: ignore[arg-type]
             aspect_ratio=aspect_ratio,
             max_image_pixels=max_image_pixels,
+            max_image_aspect_ratio=max_image_aspect_ratio,
         )
 
 
@@ -73,9 +76,10 @@ def encode_image(image_bytes: bytes, spec: SampleSpec) -> np.ndarray:
     """Decode, square and resize one image to uint8 HWC at the vision tower's size.
 
     Raises:
-        RecordError: the bytes are empty, not an image, truncated, or over the pixel limit.
+        RecordError: the bytes are empty, not an image, truncated, or over a size limit (pixels, the
+            padded square, the aspect ratio).
     """
-    img = decode(image_bytes, spec.max_image_pixels)
+    img = decode(image_bytes, spec.max_image_pixels, spec.max_image_aspect_ratio)
     return prepare_image(img, spec.image_size, spec.aspect_ratio, spec.image_mean)
 
 

@@ -58,7 +58,10 @@ class _Unhealthy:
             raise RuntimeError(self.reason)
 
 
-@serve.deployment(name="VisionEncoder")
+# Defaults fit the embedded default on a 2-CPU machine (0.25 + 0.5 + 1 CPU); the Serve config
+# YAML overrides them per deployment. LanguageModel's max_ongoing_requests sits above the default
+# max_batch_size (16) so that a full batch can form (Serve's own default of 5 capped it at 5 rows).
+@serve.deployment(name="VisionEncoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class VisionEncoder:
     """Images -> projected image embeddings. Concurrent calls are batched; an LRU cache keyed by the
     image's content hash (and a table of encodes in flight) means a repeated image skips the tower."""
@@ -117,7 +120,7 @@ class VisionEncoder:
         self.health.check()
 
 
-@serve.deployment(name="LanguageModel")
+@serve.deployment(name="LanguageModel", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class LanguageModel:
     """Prompt ids + image embeddings -> text, streamed (``generate``) or whole (``complete``).
 
@@ -134,7 +137,7 @@ class LanguageModel:
         self.max_rows = args.max_batch_size
         self.waiting: list[tuple[list[tuple[DecodeRequest, list[torch.Tensor]]], asyncio.Queue]] = []
         self.driver: asyncio.Task | None = None
-        self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch": 0, "cancelled": 0}
+        self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch": 0, "cancelled": 0, "errors": 0}
         self.health = _Unhealthy()
         self._decode_batch.set_max_batch_size(args.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
@@ -162,7 +165,7 @@ class LanguageModel:
         text, last = "", StepOutput("", 0, "stop")
         async for out in self.generate(request, *features):
             text, last = text + out.text, out
-        return StepOutput(text, last.completion_tokens, last.finish_reason, last.batch_rows)
+        return StepOutput(text, last.completion_tokens, last.finish_reason, last.error, last.batch_rows)
 
     # Ray forms the next group while earlier ones decode; _drive merges them all into one batch.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
@@ -193,9 +196,13 @@ class LanguageModel:
 
         while self.waiting or (batch is not None and batch.rows):
             room = self.max_rows - (len(batch.rows) if batch is not None else 0)
+            admitted, reqs, feats, tags = [], [], [], []
             if self.waiting and room > 0:
-                admitted, reqs, feats, tags = [], [], [], []
-                while self.waiting and (not admitted or len(self.waiting[0][0]) <= room - len(reqs)):
+                # A group joins only whole and only where it fits: the batch never exceeds max_rows.
+                # Groups are at most max_rows (serve.batch's bound), so the head always fits an
+                # empty batch and waits at most until enough rows finish.
+                empty = batch is None or not batch.rows
+                while self.waiting and (len(self.waiting[0][0]) <= room - len(reqs) or (empty and not reqs)):
                     items, queue = self.waiting.pop(0)
                     gid, next_id = next_id, next_id + 1
                     groups[gid] = {"queue": queue, "n": len(items), "done": 0}
@@ -204,10 +211,11 @@ class LanguageModel:
                         reqs.append(req)
                         feats.append(feat)
                         tags.append((gid, k))
+            if reqs:
                 try:
                     new = await loop.run_in_executor(self.pool, self.decoder.start, reqs, feats, tags)
                     batch = new if batch is None else await loop.run_in_executor(self.pool, self.decoder.join, batch, new)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - reported to the admitted groups only
                     if not isinstance(e, ValueError):
                         self.health.reason = f"prefill failed: {type(e).__name__}: {e}"
                     fail(admitted, e)
@@ -225,6 +233,7 @@ class LanguageModel:
             lists: dict[int, list[Any]] = {}
             for (gid, k), out in outs:
                 self.counts["cancelled"] += out.finish_reason == "cancelled"
+                self.counts["errors"] += out.finish_reason == "error"
                 group = groups[gid]
                 lists.setdefault(gid, [StopIteration] * group["n"])[k] = out
                 group["done"] += out.finish_reason is not None
@@ -266,10 +275,29 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(err.body(), status_code=500)
 
 
+def parse_json(raw: bytes) -> Any:
+    """A request body's JSON.
+
+    Raises:
+        ApiError: 400 for invalid JSON, nesting too deep to parse, or an integer too long to convert.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError as e:
+        raise ApiError(400, "the request body is nested too deeply to parse", code="invalid_json") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+
+
+def generation_failed(out: StepOutput) -> ApiError:
+    """The error for a row that failed alone in the decode batch (its neighbours go on)."""
+    return ApiError(500, f"generating this answer failed: {out.error}", code="generation_failed")
+
+
 _REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError")
 
 
-@serve.deployment(name="Gateway")
+@serve.deployment(name="Gateway", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Gateway:
     """The OpenAI-compatible HTTP API: auth, limits, request validation, prompt building, SSE."""
@@ -316,10 +344,8 @@ class Gateway:
         raw = b"".join(chunks)
         if not raw:
             raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+        # Parsing a large body is CPU work: off the event loop, so /healthz and other requests go on.
+        return await asyncio.to_thread(parse_json, raw)
 
     async def _call(self, req: DecodeRequest, prompt: inputs.Prompt, stream: bool) -> AsyncIterator[StepOutput]:
         """The language model's output (streamed pieces, or one whole result). If a replica dies
@@ -375,13 +401,13 @@ class Gateway:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         self._authorize(request)
-        chat = parse_request(await self._body(request))
+        chat = await asyncio.to_thread(parse_request, await self._body(request))
         if chat.model != self.model_name:
             raise ApiError(404, f"The model `{chat.model}` does not exist; this server serves `{self.model_name}`",
                            "model", "model_not_found")
         stops = chat.stop_strings()
         images = await inputs.load_images(chat, self.spec, self.limits, self.http)
-        prompt = self.prompts.build(chat, images)
+        prompt = await asyncio.to_thread(self.prompts.build, chat, images)  # tokenizing: off the loop
         req = DecodeRequest(prompt.input_ids, prompt.max_new_tokens, chat.temperature, chat.top_p, chat.seed, stops)
         cid, created, n_prompt = completion_id(), int(time.time()), len(prompt.input_ids)
         if chat.stream:
@@ -389,6 +415,8 @@ class Gateway:
             return StreamingResponse(self._sse(req, prompt, cid, created, n_prompt, include_usage),
                                      media_type="text/event-stream")
         async for out in self._call(req, prompt, stream=False):
+            if out.finish_reason == "error":
+                raise generation_failed(out)
             return completion_body(cid, self.model_name, out.text, out.finish_reason or "stop", n_prompt,
                                    out.completion_tokens, created)
         raise ApiError(503, "the language model returned nothing; retry", code="replica_unavailable")
@@ -402,6 +430,8 @@ class Gateway:
         n_completion = 0
         try:
             async for out in self._call(req, prompt, stream=True):
+                if out.finish_reason == "error":
+                    raise generation_failed(out)
                 n_completion = out.completion_tokens
                 delta = {"content": out.text} if out.text else {}
                 yield event(chunk_body(cid, self.model_name, created, delta, out.finish_reason))

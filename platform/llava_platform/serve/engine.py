@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from llava_platform.data.images import AspectRatio, decode, normalize, prepare_image
+from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, decode, normalize, prepare_image
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,13 @@ class ImageSpec:
         return cls(config.vision_config.image_size, tuple(ip.image_mean), tuple(ip.image_std),  # type: ignore[arg-type]
                    num_image_tokens(config), aspect_ratio)
 
-    def prepare(self, data: bytes, max_pixels: int) -> np.ndarray:
+    def prepare(self, data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> np.ndarray:
         """Decode and square/resize image bytes to uint8 HWC, as the training pipeline does.
 
         Raises:
-            RecordError: empty, undecodable, truncated, or over ``max_pixels``.
+            RecordError: empty, undecodable, truncated, or over a size limit (see ``check_size``).
         """
-        return prepare_image(decode(data, max_pixels), self.size, self.aspect_ratio, self.mean)
+        return prepare_image(decode(data, max_pixels, max_aspect_ratio), self.size, self.aspect_ratio, self.mean)
 
 
 def drop_modules(model: Any, keep: str) -> Any:
@@ -81,6 +81,26 @@ class ImageEncoderCore:
         return [f.detach().cpu().clone() for f in feats]  # to CPU: they travel to another replica
 
 
+# Below this temperature sampling is greedy: dividing logits by a tinier one overflows to inf.
+MIN_TEMPERATURE = 1e-4
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One token from ``softmax(logits / temperature)`` restricted to the top-p nucleus, which
+    always keeps the most likely token. Computed in float64 with the maximum subtracted, so no
+    temperature or top-p in range can produce inf or nan."""
+    scaled = (logits.double() - logits.max().double()) / max(temperature, MIN_TEMPERATURE)
+    probs = torch.softmax(scaled, -1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest nucleus
+        drop[0] = False
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:  # e.g. nan logits from the model
+        raise ValueError("the next-token distribution is not finite")
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 @dataclass
 class DecodeRequest:
     """One row of a decode batch. ``temperature == 0`` is greedy. ``cancelled`` (set where the row
@@ -99,12 +119,13 @@ class DecodeRequest:
 class StepOutput:
     """What one decode step produced for one row: new text (possibly empty while a multi-byte
     character or a possible stop string is held back), the running completion token count, and the
-    finish reason (``stop``, ``length``, or ``cancelled`` for a row whose caller went away) on the
-    row's last step."""
+    finish reason (``stop``, ``length``, ``cancelled`` for a row whose caller went away, or
+    ``error`` with ``error`` saying why, for a row that failed alone) on the row's last step."""
 
     text: str
     completion_tokens: int
     finish_reason: str | None = None
+    error: str | None = None
     # Rows in the decode batch this step belonged to (observability: proves requests batch together).
     batch_rows: int = 1
 
@@ -121,12 +142,18 @@ class _Row:
         self.ids: list[int] = []
         self.emitted = ""
         self.done = False
-        self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else secrets.randbits(63))
+        self.error: str | None = None
+        # Any int seed works: OpenAI's are unbounded, torch takes 64 bits.
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed % 2**64)
 
     def push(self, token: int) -> StepOutput:
         if self.req.cancelled:
             self.done = True
             return StepOutput("", len(self.ids), "cancelled")
+        if self.error:
+            self.done = True
+            return StepOutput("", len(self.ids), "error", error=self.error)
         finish = None
         if token in self.eos_ids:
             finish = "stop"
@@ -212,18 +239,16 @@ class Decoder:
         return x
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Each row's next token. A row whose sampling fails is marked failed (it finishes with
+        ``error`` at :meth:`_Row.push`); its neighbours are untouched."""
         greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
-            if row.done or row.req.temperature == 0:
+            if row.done or row.req.temperature < MIN_TEMPERATURE:
                 continue
-            scaled = logits[i].cpu() / row.req.temperature  # sampled on CPU with the row's generator
-            if row.req.top_p < 1.0:
-                sorted_logits, order = torch.sort(scaled, descending=True)
-                cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-                drop = cum - torch.softmax(sorted_logits, -1) >= row.req.top_p  # keep the smallest nucleus
-                sorted_logits[drop] = float("-inf")
-                scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, sorted_logits)
-            greedy[i] = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=row.generator))
+            try:
+                greedy[i] = sample(logits[i].cpu(), row.req.temperature, row.req.top_p, row.generator)
+            except Exception as e:  # noqa: BLE001 - a row's failure stays in that row
+                row.error = f"sampling failed: {type(e).__name__}: {e}"
         return greedy
 
     @torch.inference_mode()

@@ -7,6 +7,7 @@ message the client should see, so the gateway turns every bad input into a 4xx, 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -34,11 +35,14 @@ class Limits:
     max_image_pixels: int = 50_000_000
     max_new_tokens: int = 1024
     allowed_image_hosts: tuple[str, ...] = ()
+    max_prompt_chars: int = 262_144
+    max_image_aspect_ratio: float = 20.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Limits":
         return cls(cfg.max_images_per_request, cfg.max_image_bytes, cfg.max_image_pixels,
-                   cfg.max_new_tokens_limit, tuple(h.lower() for h in cfg.allowed_image_hosts))
+                   cfg.max_new_tokens_limit, tuple(h.lower() for h in cfg.allowed_image_hosts),
+                   cfg.max_prompt_chars, cfg.max_image_aspect_ratio)
 
 
 @dataclass
@@ -139,10 +143,12 @@ def prepare_image_bytes(raw: bytes, param: str, spec: ImageSpec, limits: Limits)
         ApiError: not an image, truncated, empty, or over the pixel limit.
     """
     try:
-        pixels = spec.prepare(raw, limits.max_image_pixels)
+        pixels = spec.prepare(raw, limits.max_image_pixels, limits.max_image_aspect_ratio)
     except RecordError as e:
         if e.reason == "image_too_large":
             raise ApiError(400, f"{param}: the image is too large: {e.detail}", param, "image_too_large") from e
+        if e.reason == "image_aspect_ratio":
+            raise ApiError(400, f"{param}: the image is too thin: {e.detail}", param, "image_aspect_ratio") from e
         raise ApiError(400, f"{param}: the bytes are not a readable image ({e.detail})", param, "invalid_image") from e
     return PreparedImage(hashlib.sha256(raw).hexdigest(), pixels)
 
@@ -221,6 +227,17 @@ class PromptBuilder:
         return asked if asked is not None else min(room, self.limits.max_new_tokens)
 
     def build(self, request: ChatCompletionRequest, images: list[PreparedImage]) -> Prompt:
+        """The prompt's ids and completion budget.
+
+        Raises:
+            ApiError: the text is over ``max_prompt_chars`` (checked before tokenizing, which costs
+                time in proportion), or see :meth:`input_ids` and :meth:`max_new_tokens`.
+        """
+        chars = sum(len(m.content) if isinstance(m.content, str) else
+                    sum(len(p.text) for p in m.content if p.type == "text") for m in request.messages)
+        if chars > self.limits.max_prompt_chars:
+            raise ApiError(400, f"the messages hold {chars} characters of text, over this server's limit of "
+                           f"{self.limits.max_prompt_chars}", "messages", "prompt_too_long")
         ids = self.input_ids(template_messages(request.messages))
         return Prompt(ids, images, self.max_new_tokens(request, len(ids)))
 
@@ -241,5 +258,6 @@ async def load_images(request: ChatCompletionRequest, spec: ImageSpec, limits: L
             raw = decode_data_url(url, param, limits)
         else:
             raw = await fetch_image(url, param, limits, client)
-        images.append(prepare_image_bytes(raw, param, spec, limits))
+        # Decoding and resizing are CPU work: off the event loop.
+        images.append(await asyncio.to_thread(prepare_image_bytes, raw, param, spec, limits))
     return images

@@ -7,6 +7,7 @@ failure becomes an :class:`ApiError` carrying the HTTP status and OpenAI's error
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -32,7 +33,8 @@ class ApiError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "5" is not a number and "yes" not a boolean, as OpenAI answers.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -103,6 +105,11 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
     """
     if not isinstance(payload, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(payload).__name__}")
+    bad = lone_surrogate(payload)
+    if bad is not None:
+        raise ApiError(400, f"{bad} contains a lone UTF-16 surrogate (an escape such as \\ud800 that is half of a "
+                       "character pair): the text is not valid Unicode; send the whole character or remove it",
+                       bad, "invalid_unicode")
     try:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as e:
@@ -134,6 +141,30 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
         else:
             msg = f"Invalid value for {param!r}: {err['msg']}"
         raise ApiError(400, msg, param or None, kind) from e
+
+
+def lone_surrogate(payload: Any) -> str | None:
+    """The dotted path of the first string (key or value) holding a lone surrogate, else None.
+    Such text cannot be encoded as UTF-8, so it must be refused before it reaches the tokenizer or
+    an error message. Iterative: the nesting depth is whatever the JSON parser allowed."""
+    stack: list[tuple[str, Any]] = [("", payload)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if _SURROGATE.search(k):
+                    return path or "body"
+                stack.append((sub, v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", v) for i, v in enumerate(value))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def completion_id() -> str:

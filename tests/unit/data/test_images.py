@@ -3,7 +3,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from llava_platform.data.images import decode, expand_to_square, normalize, prepare_image, to_rgb
 from llava_platform.errors import RecordError
@@ -114,3 +114,28 @@ def test_normalize_matches_clip_processor():
     ref = default_image_processor(32)([Image.fromarray(a) for a in arr], return_tensors="pt")["pixel_values"]
     assert ours.shape == ref.shape == (2, 3, 32, 32)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_thin_image_is_refused_from_its_header_before_it_is_decoded_or_padded(monkeypatch):
+    # 1x100000 is 100000 pixels (under the limit) in a ~500-byte PNG, but padding it to a square
+    # would ask for 100000**2 * 3 bytes (30 GB).
+    thin = png(Image.new("RGB", (1, 100_000)))
+    assert len(thin) < 1000
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or None)
+    with pytest.raises(RecordError) as e:
+        decode(thin, max_pixels=50_000_000)
+    assert e.value.reason == "image_aspect_ratio" and "1x100000" in e.value.detail
+    with pytest.raises(RecordError) as e:  # allowed thin, the padded square still bounds the work
+        decode(thin, max_pixels=50_000_000, max_aspect_ratio=10**6)
+    assert e.value.reason == "image_too_large" and "100000x100000" in e.value.detail
+    assert loads == []  # refused from the header: nothing was decoded
+
+
+def test_aspect_ratio_and_square_limits_accept_what_is_within_them():
+    img = decode(png(Image.new("RGB", (200, 10))), max_pixels=200 * 200)  # 20:1, square 40000
+    assert img.size == (200, 10)
+    with pytest.raises(RecordError, match="21 times|more than 20"):
+        decode(png(Image.new("RGB", (210, 10))), max_pixels=10**6)
+    with pytest.raises(RecordError, match="padded to a square"):
+        decode(png(Image.new("RGB", (200, 10))), max_pixels=200 * 200 - 1)

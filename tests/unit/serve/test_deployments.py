@@ -178,6 +178,12 @@ def _bomb_png() -> bytes:
     return buf.getvalue()
 
 
+def png_of(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def _chat(content, **kw) -> bytes:
     return json.dumps({"model": "llava", "messages": [{"role": "user", "content": content}], "max_tokens": 2, **kw}).encode()
 
@@ -213,6 +219,16 @@ BAD_REQUESTS = [
     ("image token in the text", _chat("what is <image> here?"), 400, "invalid_content", "reserved image token"),
     ("temperature out of range", _chat("hi", temperature=5), 400, "less_than_equal", "temperature"),
     ("n > 1", _chat("hi", n=3), 400, "literal_error", "'n'"),
+    # Measured as 500s before (RecursionError, UnicodeEncodeError) or accepted by coercion:
+    ("JSON nested 100k levels", b'{"model": "llava", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
+     "invalid_json", "nested too deeply"),
+    ("lone surrogate in model", _chat("hi", model="\ud800"), 400, "invalid_unicode", "surrogate"),
+    ("lone surrogate in the text", _chat("caf\udce9"), 400, "invalid_unicode", "messages.0.content"),
+    ("max_tokens as a string", _chat("hi", max_tokens="5"), 400, "int_type", "max_tokens"),
+    ("include_usage as a string", _chat("hi", stream=True, stream_options={"include_usage": "yes"}), 400,
+     "bool_type", "include_usage"),
+    ("thin image", _chat(_image(data_url(png_of(1, 100_000)))), 400, "image_aspect_ratio", "1x100000"),
+    ("prompt over the character limit", _chat("x" * 300_000), 400, "prompt_too_long", "262144"),
 ]
 
 
@@ -314,3 +330,40 @@ def test_killed_replicas_are_replaced_and_requests_keep_succeeding(serve_app, cl
     else:
         pytest.fail(f"replicas not replaced: {llm_now} {enc_now} {status}")
     assert ask(1) == 4
+
+
+def test_extreme_sampling_and_seeds_neither_fail_nor_hurt_concurrent_requests(serve_app, client, reference):
+    # Measured before: temperature=1e-300 beside 10 good streams failed them all (internal_error),
+    # and seeds of 2**64 or -2**70 were 500s.
+    msg = [user_image_message(png(), "what shape?")]
+    expected = reference(msg, [png()], 6)
+    odd = [dict(temperature=1e-300), dict(temperature=5e-324), dict(top_p=1e-300), dict(seed=2**64),
+           dict(seed=-2**70, temperature=1.0)]
+    with ThreadPoolExecutor(len(odd) + 6) as pool:
+        odd_f = [pool.submit(client.chat.completions.create, model="llava", messages=msg, max_tokens=6, **kw)
+                 for kw in odd]
+        good = [pool.submit(client.chat.completions.create, model="llava", messages=msg, max_tokens=6, temperature=0)
+                for _ in range(6)]
+        assert all(f.result().choices[0].finish_reason in ("length", "stop") for f in odd_f)
+        assert [f.result().choices[0].message.content for f in good] == [expected] * 6
+
+
+def test_the_decode_batch_never_exceeds_max_batch_size(serve_app, tiny_model_dir):
+    from llava_platform.config.schema import ModelSpec
+    from llava_platform.model.builder import load_processor
+
+    processor, _ = load_processor(ModelSpec(checkpoint=str(tiny_model_dir)))
+    ids = processor.tokenizer("USER: hello ASSISTANT:")["input_ids"]
+    llm = serve_app.handle("LanguageModel")
+
+    async def one(i):
+        rows = 0
+        async for out in llm.generate.options(stream=True).remote(DecodeRequest(ids + [i + 5], 12)):
+            rows = max(rows, out.batch_rows)
+        return rows
+
+    async def many():
+        return await asyncio.gather(*(one(i) for i in range(40)))
+
+    rows = asyncio.run(many())  # 40 calls over 2 replicas, each capped at max_batch_size=8
+    assert max(rows) <= serve_app.args.max_batch_size and max(rows) > 1, rows

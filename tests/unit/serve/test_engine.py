@@ -154,3 +154,35 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_its_neighbour_is_unchanged(
     assert finishes == {"drop": ("cancelled", 3), "keep": ("length", 10)}
     assert rows[:5] == [2, 2, 2, 1, 1]  # the cancelled row left the batch (and its cache) at once
     assert texts["keep"] == alone
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, 1.0), (5e-324, 1.0), (1.0, 1e-300), (1e-300, 1e-300)])
+def test_extreme_sampling_parameters_are_safe_and_near_greedy(loaded, temperature, top_p):
+    # Measured before: temperature=1e-300 (or top_p=1e-300) gave inf/nan probabilities and the
+    # exception failed every row in the batch. Both limits of sampling are greedy decoding.
+    model, processor, spec = loaded
+    decoder = Decoder(model, processor.tokenizer)
+    messages, ids = _prompt(loaded, "hello", with_image=False)
+    greedy = reference_greedy(model, processor, spec, messages, [], 8)
+    out = decoder.generate([DecodeRequest(ids, 8, temperature=temperature, top_p=top_p, seed=3),
+                            DecodeRequest(ids, 8)], [[], []])
+    assert [o[0] for o in out] == [greedy, greedy] and {o[2] for o in out} == {"length"}
+
+
+def test_a_row_whose_sampling_fails_finishes_alone_with_an_error(loaded):
+    model, processor, spec = loaded
+    decoder = Decoder(model, processor.tokenizer)
+    messages, ids = _prompt(loaded, "hello", with_image=False)
+    alone = reference_greedy(model, processor, spec, messages, [], 6)
+    batch = decoder.start([DecodeRequest(ids, 6), DecodeRequest(ids, 6, temperature=1.0, seed=0)], [[], []],
+                          tags=["good", "bad"])
+    batch.logits = batch.logits.clone()
+    batch.logits[1] = float("nan")  # what a numerically broken row looks like to the sampler
+    texts, finishes = {"good": "", "bad": ""}, {}
+    while batch.rows:
+        for tag, out in decoder.step(batch):
+            texts[tag] += out.text
+            if out.finish_reason:
+                finishes[tag] = (out.finish_reason, out.error)
+    assert finishes["bad"][0] == "error" and "not finite" in finishes["bad"][1]
+    assert finishes["good"] == ("length", None) and texts["good"] == alone
