@@ -6,6 +6,7 @@ replica counts, autoscaling and resources come from the Serve config, per deploy
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ from llava_platform.serve.deployments import Gateway, LanguageModel, VisionEncod
 
 
 DEPLOYMENTS = (Gateway, VisionEncoder, LanguageModel)
+logger = logging.getLogger(__name__)
 
 
 class LlavaAppArgs(ServeConfig):
@@ -32,6 +34,24 @@ def with_absolute_model(args: ServeConfig) -> ServeConfig:
     if local and os.path.exists(args.model):
         return args.model_copy(update={"model": os.path.abspath(args.model)})
     return args
+
+
+def cpu_shortfall(deployments: list[Any], cluster_cpus: float) -> str | None:
+    """What to tell the user when the deployments' first replicas ask for more CPUs than the
+    cluster has (Serve would otherwise wait for them silently), else None."""
+    asks = []
+    for d in deployments:
+        cfg = d._deployment_config
+        auto = cfg.autoscaling_config
+        replicas = (auto.initial_replicas or auto.min_replicas or 1) if auto else (cfg.num_replicas or 1)
+        cpus = float((d.ray_actor_options or {}).get("num_cpus", 1.0))
+        asks.append((d.name, replicas, cpus))
+    need = sum(r * c for _, r, c in asks)
+    if need <= cluster_cpus:
+        return None
+    detail = ", ".join(f"{n}: {r} x {c:g} CPU" for n, r, c in asks)
+    return (f"the application's replicas ask for {need:g} CPUs ({detail}) but the cluster has {cluster_cpus:g}: "
+            "some replicas will not start until CPUs are added; lower num_cpus per deployment in the Serve config")
 
 
 def build_app(args: LlavaAppArgs | ServeConfig, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
@@ -53,5 +73,11 @@ def build_app(args: LlavaAppArgs | ServeConfig, deployment_options: dict[str, di
         raise ValueError(f"deployment_options for unknown deployment(s) {sorted(unknown)}; "
                          f"the deployments are {[d.name for d in DEPLOYMENTS]}")
     gateway, encoder, llm = (d.options(**opts[d.name]) if d.name in opts else d for d in DEPLOYMENTS)
+    import ray
+
+    if ray.is_initialized():
+        problem = cpu_shortfall([gateway, encoder, llm], ray.cluster_resources().get("CPU", 0.0))
+        if problem:
+            logger.warning(problem)
     args = with_absolute_model(args)
     return gateway.bind(encoder.bind(args), llm.bind(args), args)

@@ -68,3 +68,12 @@ def test_relative_model_paths_become_absolute_and_uris_stay(tmp_path, monkeypatc
 def test_options_for_an_unknown_deployment_are_refused():
     with pytest.raises(ValueError, match="LanguageModle"):
         build_app(LlavaAppArgs(model="m"), {"LanguageModle": {"num_replicas": 2}})
+
+
+def test_the_default_deployments_fit_two_cpus_and_a_shortfall_is_named():
+    from llava_platform.serve.app import DEPLOYMENTS, cpu_shortfall
+
+    assert cpu_shortfall(list(DEPLOYMENTS), 2.0) is None  # 0.25 + 0.5 + 1 (the README's serve run)
+    big = [d.options(ray_actor_options={"num_cpus": 1}) for d in DEPLOYMENTS]
+    msg = cpu_shortfall(big, 2.0)
+    assert msg and "ask for 3 CPUs" in msg and "Gateway: 1 x 1 CPU" in msg and "has 2" in msg
