@@ -84,7 +84,8 @@ def test_concurrent_requests_each_get_their_own_answer(client, reference):
     assert all(got == want for got, want in results)
 
 
-def test_language_model_decodes_concurrent_calls_in_one_batch(serve_app, tiny_model_dir):
+def _batch_rows(serve_app, tiny_model_dir, calls: int, max_tokens: int) -> list[int]:
+    """The largest decode batch each of ``calls`` concurrent LanguageModel calls decoded in."""
     from llava_platform.config.schema import ModelSpec
     from llava_platform.model.builder import load_processor
 
@@ -94,14 +95,18 @@ def test_language_model_decodes_concurrent_calls_in_one_batch(serve_app, tiny_mo
 
     async def one(i):
         rows = 0
-        async for out in llm.generate.options(stream=True).remote(DecodeRequest(ids + [i + 5], 6)):
+        async for out in llm.generate.options(stream=True).remote(DecodeRequest(ids + [i + 5], max_tokens)):
             rows = max(rows, out.batch_rows)
         return rows
 
     async def many():
-        return await asyncio.gather(*(one(i) for i in range(12)))
+        return await asyncio.gather(*(one(i) for i in range(calls)))
 
-    rows = asyncio.run(many())
+    return asyncio.run(many())
+
+
+def test_language_model_decodes_concurrent_calls_in_one_batch(serve_app, tiny_model_dir):
+    rows = _batch_rows(serve_app, tiny_model_dir, 12, 6)
     assert max(rows) > 1, rows  # 12 calls over 2 replicas: some must have shared a decode batch
 
 
@@ -349,21 +354,5 @@ def test_extreme_sampling_and_seeds_neither_fail_nor_hurt_concurrent_requests(se
 
 
 def test_the_decode_batch_never_exceeds_max_batch_size(serve_app, tiny_model_dir):
-    from llava_platform.config.schema import ModelSpec
-    from llava_platform.model.builder import load_processor
-
-    processor, _ = load_processor(ModelSpec(checkpoint=str(tiny_model_dir)))
-    ids = processor.tokenizer("USER: hello ASSISTANT:")["input_ids"]
-    llm = serve_app.handle("LanguageModel")
-
-    async def one(i):
-        rows = 0
-        async for out in llm.generate.options(stream=True).remote(DecodeRequest(ids + [i + 5], 12)):
-            rows = max(rows, out.batch_rows)
-        return rows
-
-    async def many():
-        return await asyncio.gather(*(one(i) for i in range(40)))
-
-    rows = asyncio.run(many())  # 40 calls over 2 replicas, each capped at max_batch_size=8
+    rows = _batch_rows(serve_app, tiny_model_dir, 40, 12)  # 40 calls over 2 replicas, max_batch_size=8
     assert max(rows) <= serve_app.args.max_batch_size and max(rows) > 1, rows
