@@ -22,6 +22,10 @@ TemplateName = Literal["plain", "llava_v1"]
 #: alignment, ``llava_v1`` (vicuna v1) for visual instruction tuning).
 STAGE_TEMPLATES: dict[str, str] = {"pretrain": "plain", "finetune": "llava_v1"}
 
+#: Images longer one way than the other by more than this are refused by default, before decoding
+#: (preprocessing and serving alike).
+MAX_IMAGE_ASPECT_RATIO = 20.0
+
 
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors; assignments are validated."""
@@ -121,7 +125,7 @@ class DataConfig(StrictModel):
     max_image_pixels: int = Field(89_478_485, gt=0)
     # Thinner images are rejected (image_aspect_ratio) before decoding; so is one whose padded
     # square is over max_image_pixels.
-    max_image_aspect_ratio: float = Field(20.0, ge=1)
+    max_image_aspect_ratio: float = Field(MAX_IMAGE_ASPECT_RATIO, ge=1)
     on_bad_record: Literal["skip", "fail"] = "skip"
 
 
@@ -232,7 +236,7 @@ class ServeConfig(StrictModel):
     max_image_pixels: int = Field(50_000_000, gt=0)
     # Images wider than tall (or taller than wide) by more than this are refused before decoding:
     # padding a 1x100000 image to a square would need 30 GB.
-    max_image_aspect_ratio: float = Field(20.0, ge=1)
+    max_image_aspect_ratio: float = Field(MAX_IMAGE_ASPECT_RATIO, ge=1)
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     # Characters of message text, checked before tokenizing (the context length bounds tokens).
     max_prompt_chars: int = Field(262_144, gt=0)

@@ -13,13 +13,10 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from llava_platform.config.schema import MAX_IMAGE_ASPECT_RATIO as MAX_ASPECT_RATIO
 from llava_platform.errors import RecordError
 
 AspectRatio = Literal["pad", "resize", "crop"]
-
-
-# Images longer than wide (or wider than long) by more than this are refused by default.
-MAX_ASPECT_RATIO = 20.0
 
 
 def check_size(w: int, h: int, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from llava_platform.data.conversation import chat_template
+from llava_platform.data.images import MAX_ASPECT_RATIO
 from llava_platform.errors import RecordError
 from llava_platform.serve.engine import ImageSpec
 from llava_platform.serve.protocol import ApiError, ChatCompletionRequest, Message
@@ -36,7 +37,7 @@ class Limits:
     max_new_tokens: int = 1024
     allowed_image_hosts: tuple[str, ...] = ()
     max_prompt_chars: int = 262_144
-    max_image_aspect_ratio: float = 20.0
+    max_image_aspect_ratio: float = MAX_ASPECT_RATIO
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Limits":
