@@ -225,8 +225,12 @@ class ServeConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # How images are squared before the vision tower; use what the model was trained with.
     image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
-    # Bearer key; None disables auth. Falls back to LLAVA_API_KEY in the replica's environment.
+    # Bearer key (programmatic use only: Ray echoes application arguments in its logs, dashboard and
+    # `serve config`, so the Serve app refuses it there). Otherwise the key is read from
+    # api_key_file (a path on every node) or LLAVA_API_KEY in the nodes' environment; none of the
+    # three: no auth.
     api_key: SecretStr | None = None
+    api_key_file: str | None = None
     # Serve the web chat page at the route prefix (GET /); its API calls need the key like any client.
     chat_page: bool = True
     max_new_tokens_limit: int = Field(1024, gt=0)
@@ -252,6 +256,12 @@ class ServeConfig(StrictModel):
     # anyway, so a wait only adds latency (measured: bench/serve.py --batch-wait).
     max_batch_size: int = Field(16, gt=0)
     batch_wait_timeout_s: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "ServeConfig":
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give the API key as api_key or as api_key_file, not both")
+        return self
 
 
 class JudgeConfig(StrictModel):

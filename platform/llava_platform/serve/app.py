@@ -10,12 +10,13 @@ import logging
 import os
 from typing import Any
 
+from pydantic import ConfigDict, model_validator
 from ray.serve import Application
 
 from llava_platform import storage
 from llava_platform.config.schema import ServeConfig
 from llava_platform.model.builder import MLFLOW_SCHEMES
-from llava_platform.serve.deployments import Gateway, LanguageModel, VisionEncoder
+from llava_platform.serve.deployments import API_KEY_ENV, Gateway, LanguageModel, VisionEncoder
 
 
 DEPLOYMENTS = (Gateway, VisionEncoder, LanguageModel)
@@ -24,7 +25,24 @@ logger = logging.getLogger(__name__)
 
 class LlavaAppArgs(ServeConfig):
     """Arguments of the LLaVA chat application (``model`` is the model URI: a local path, ``s3://``,
-    ``models:/<name>/<version>`` or ``runs:/<run id>/<path>``); see :class:`ServeConfig`."""
+    ``models:/<name>/<version>`` or ``runs:/<run id>/<path>``); see :class:`ServeConfig`.
+
+    These come from ``serve run``/``serve deploy``, and Ray writes them in clear into its logs, its
+    dashboard and ``serve config``: so a literal ``api_key`` is refused here (and no error repeats
+    the values it was given).
+    """
+
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    @model_validator(mode="after")
+    def _no_literal_key(self) -> "LlavaAppArgs":
+        if self.api_key is not None:
+            raise ValueError(
+                "api_key: Ray echoes the application's arguments in its logs, dashboard and `serve config`, "
+                f"so the key must not be one of them; set {API_KEY_ENV} in every node's environment "
+                "(infra/secrets/api_key on `ray up` clusters) or give api_key_file: a path, on the nodes, "
+                "of a file that holds the key")
+        return self
 
 
 def with_absolute_model(args: ServeConfig) -> ServeConfig:

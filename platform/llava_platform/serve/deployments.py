@@ -46,6 +46,28 @@ def _replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
 
 
+def api_key(args: ServeConfig) -> bytes | None:
+    """The key clients must send: ``api_key``, else the file ``api_key_file`` (one line; the node's
+    path), else ``LLAVA_API_KEY`` in this process's environment; None: no auth.
+
+    Raises:
+        ValueError: ``api_key_file`` cannot be read or holds no key.
+    """
+    if args.api_key is not None:
+        key = args.api_key.get_secret_value()
+    elif args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"api_key_file {args.api_key_file!r} cannot be read on this node: {e}") from None
+        if not key:
+            raise ValueError(f"api_key_file {args.api_key_file!r} is empty; it must hold the API key")
+    else:
+        key = os.environ.get(API_KEY_ENV, "").strip()
+    return key.encode() if key else None
+
+
 class _Unhealthy:
     """Records an internal failure (not a bad request) so ``check_health`` fails and Serve replaces
     the replica."""
@@ -316,8 +338,7 @@ class Gateway:
         self.prompts = inputs.PromptBuilder(processor, config, self.spec, self.limits)
         self.max_body = args.max_body_bytes
         self.chat_page = args.chat_page
-        key = args.api_key.get_secret_value() if args.api_key else os.environ.get(API_KEY_ENV)
-        self._api_key = key.encode() if key else None
+        self._api_key = api_key(args)
         self.http = httpx.AsyncClient(timeout=10.0)
         self.created = int(time.time())
 

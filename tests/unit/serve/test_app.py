@@ -77,3 +77,31 @@ def test_the_default_deployments_fit_two_cpus_and_a_shortfall_is_named():
     big = [d.options(ray_actor_options={"num_cpus": 1}) for d in DEPLOYMENTS]
     msg = cpu_shortfall(big, 2.0)
     assert msg and "ask for 3 CPUs" in msg and "Gateway: 1 x 1 CPU" in msg and "has 2" in msg
+
+
+def test_a_literal_api_key_in_the_app_args_is_refused_and_a_key_file_is_read(tmp_path, monkeypatch):
+    """Ray writes an application's args in clear into its logs, dashboard and `serve config`."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from llava_platform.config.schema import ServeConfig
+    from llava_platform.serve.deployments import api_key
+    from serve_apps.llava_chat import app_builder
+
+    with pytest.raises(Exception, match="LLAVA_API_KEY") as err:
+        call_user_app_builder_with_args_if_necessary(app_builder, {"model": "m", "api_key": "sk-literal"})
+    assert "api_key_file" in str(err.value) and "sk-literal" not in str(err.value)
+    key = tmp_path / "api_key"
+    key.write_text("sk-from-file\n")
+    monkeypatch.setenv("LLAVA_API_KEY", "sk-from-env")
+    assert api_key(LlavaAppArgs(model="m", api_key_file=str(key))) == b"sk-from-file"
+    assert api_key(LlavaAppArgs(model="m")) == b"sk-from-env"
+    assert api_key(ServeConfig(model="m", api_key="sk-programmatic")) == b"sk-programmatic"
+    monkeypatch.delenv("LLAVA_API_KEY")
+    assert api_key(LlavaAppArgs(model="m")) is None
+    key.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        api_key(LlavaAppArgs(model="m", api_key_file=str(key)))
+    with pytest.raises(ValueError, match="cannot be read"):
+        api_key(LlavaAppArgs(model="m", api_key_file=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="not both"):
+        ServeConfig(model="m", api_key="a", api_key_file=str(key))

@@ -268,16 +268,26 @@ def test_openai_client_raises_its_own_error_types(client):
 # API key
 # ---------------------------------------------------------------------------------------------
 
-def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_cluster):
+def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_cluster, tmp_path):
+    """Deployed as `serve deploy` does (the controller imports the app with its config's args, and
+    logs them): the key comes from ``api_key_file``, so it is in no file under Ray's temp dir and in
+    no Serve details (what the dashboard's /api/serve/applications/ and `serve config` show)."""
     from ray import serve
-
-    from llava_platform.serve.app import build_app
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
     secret = "sk-test-" + os.urandom(8).hex()
-    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key": secret, "chat_page": False})
+    key_file = tmp_path / "api_key"
+    key_file.write_text(secret + "\n")
+    args = {**serve_app.args.model_dump(exclude_none=True, exclude_defaults=True), "chat_page": False,
+            "api_key_file": str(key_file)}
     small = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
-    serve.run(build_app(args, {n: small for n in ("Gateway", "VisionEncoder", "LanguageModel")}),
-              name="secure", route_prefix="/secure")
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [{
+        "name": "secure", "route_prefix": "/secure", "import_path": "serve_apps.llava_chat:app_builder",
+        "runtime_env": {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[3])}}, "args": args,
+        "deployments": [dict(small, name=n) for n in ("Gateway", "VisionEncoder", "LanguageModel")]}]}),
+        _blocking=True)
     try:
         base = f"{serve_app.url}/secure/v1"
         body = {"model": "llava", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -292,10 +302,14 @@ def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_clu
             openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=base, api_key=secret, max_retries=0, timeout=60)
         assert good.chat.completions.create(**body).usage.completion_tokens == 2
+        details = json.dumps(client.get_serve_details(), default=str)
+        assert str(key_file) in details and secret not in details  # the args are shown, the key is not
     finally:
         serve.delete("secure")
-    logs = Path(ray_cluster.head_node.get_session_dir_path()) / "logs"
-    leaked = [p for p in logs.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    session = Path(ray_cluster.head_node.get_session_dir_path())
+    build_logs = [p for p in (session / "logs").rglob("controller_build_*") if str(key_file).encode() in p.read_bytes()]
+    assert build_logs, "the controller's build log echoes the app args (so a literal key would leak)"
+    leaked = [p for p in session.rglob("*") if p.is_file() and not p.is_symlink() and secret.encode() in p.read_bytes()]
     assert not leaked, leaked
 
 

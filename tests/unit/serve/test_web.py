@@ -261,15 +261,18 @@ def test_max_tokens_over_the_server_limit_is_explained(serve_app, page):
 
 
 @pytest.fixture(scope="module")
-def keyed_app(serve_app):
-    """A second app on the session's Serve instance, with an API key, under a route prefix."""
+def keyed_app(serve_app, tmp_path_factory):
+    """A second app on the session's Serve instance, with an API key (from a key file), under a
+    route prefix."""
     from ray import serve
 
     from llava_platform.serve.app import build_app
 
     secret = "sk-web-" + os.urandom(8).hex()
+    key_file = tmp_path_factory.mktemp("webkey") / "api_key"
+    key_file.write_text(secret)
     # Long answers allowed, so that Stop lands while the server is still generating.
-    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key": secret,
+    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "api_key_file": str(key_file),
                                                 "max_new_tokens_limit": LONG})
     small = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
     serve.run(build_app(args, {n: small for n in ("Gateway", "VisionEncoder", "LanguageModel")}),
