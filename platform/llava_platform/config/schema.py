@@ -256,6 +256,9 @@ class ServeConfig(StrictModel):
     # anyway, so a wait only adds latency (measured: bench/serve.py --batch-wait).
     max_batch_size: int = Field(16, gt=0)
     batch_wait_timeout_s: float = Field(0.0, ge=0)
+    # How long a request may wait for a LanguageModel replica to take it (its images encoded first)
+    # before a 503 with Retry-After: no replica running (one is being replaced), or all full.
+    replica_wait_timeout_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> "ServeConfig":

@@ -9,6 +9,7 @@ produces, so that ``LlavaForConditionalGeneration`` finds one placeholder per fe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -153,3 +154,27 @@ def tokenize_record(
     has_image = bool(record.get("image"))
     messages = llava_turns_to_messages(record.get("conversations"), has_image)
     return tokenize_messages(messages, tokenizer, template, num_image_tokens, max_length)
+
+
+def lone_surrogate(payload: Any) -> str | None:
+    """The dotted path of the first string (key or value) holding a lone surrogate, else None.
+    Such text cannot be encoded as UTF-8, so it must be refused before it reaches the tokenizer or
+    an error message. Iterative: the nesting depth is whatever the JSON parser allowed."""
+    stack: list[tuple[str, Any]] = [("", payload)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if _SURROGATE.search(k):
+                    return path or "body"
+                stack.append((sub, v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", v) for i, v in enumerate(value))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")

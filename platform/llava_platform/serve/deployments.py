@@ -278,7 +278,8 @@ api = FastAPI(title="llava-platform", docs_url=None, redoc_url=None, openapi_url
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -316,6 +317,9 @@ def generation_failed(out: StepOutput) -> ApiError:
     return ApiError(500, f"generating this answer failed: {out.error}", code="generation_failed")
 
 
+#: Seconds a client is told to wait (``Retry-After``) when no model replica can take its request.
+RETRY_AFTER_S = 5
+
 _REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError")
 
 
@@ -337,6 +341,7 @@ class Gateway:
         self.spec = ImageSpec.from_model(config, processor, args.image_aspect_ratio)
         self.prompts = inputs.PromptBuilder(processor, config, self.spec, self.limits)
         self.max_body = args.max_body_bytes
+        self.replica_wait = args.replica_wait_timeout_s
         self.chat_page = args.chat_page
         self._api_key = api_key(args)
         self.http = httpx.AsyncClient(timeout=10.0)
@@ -371,26 +376,44 @@ class Gateway:
     async def _call(self, req: DecodeRequest, prompt: inputs.Prompt, stream: bool) -> AsyncIterator[StepOutput]:
         """The language model's output (streamed pieces, or one whole result). If a replica dies
         before anything was produced (killed, or its node went away), the request goes once more to
-        the replicas that remain."""
+        the replicas that remain; if no replica takes it within ``replica_wait_timeout_s`` (none
+        running, or all full), a 503 with ``Retry-After``."""
         for attempt in range(2):
-            produced = False
+            produced = finished = False
+            feats = [self.encoder.encode.remote(img.key, img.pixels) for img in prompt.images]
+            resp = self.llm.generate.options(stream=True).remote(req, *feats) if stream else self.llm.complete.remote(req, *feats)
             try:
-                feats = [self.encoder.encode.remote(img.key, img.pixels) for img in prompt.images]
+                # Waits until a LanguageModel replica has taken the call (the images encoded first).
+                assigned = await asyncio.wait_for(resp._to_object_ref_gen() if stream else resp._to_object_ref(),
+                                                  self.replica_wait)
                 if stream:
-                    async for out in self.llm.generate.options(stream=True).remote(req, *feats):
-                        produced = True
+                    async for ref in assigned:
+                        out = await ref
+                        produced, finished = True, out.finish_reason is not None
                         yield out
                 else:
-                    yield await self.llm.complete.remote(req, *feats)
+                    out = await assigned
+                    finished = True
+                    yield out
+                finished = True
                 return
+            except asyncio.TimeoutError:
+                raise ApiError(503, f"no model replica could take the request within {self.replica_wait:g} s "
+                               "(replicas starting or all busy); retry later", code="replica_unavailable",
+                               retry_after=RETRY_AFTER_S) from None
             except Exception as e:
                 gone = type(e).__name__ in _REPLICA_GONE or any(n in repr(e) for n in _REPLICA_GONE)
                 if not gone or produced or attempt:
                     if gone:
                         raise ApiError(503, "the model replica serving this request went away; retry",
-                                       code="replica_unavailable") from e
+                                       code="replica_unavailable", retry_after=RETRY_AFTER_S) from e
                     raise
                 logger.warning("retrying a request after a replica failure: %s", type(e).__name__)
+            finally:
+                if not finished:  # the caller went away, or the call failed: stop it and its encodings
+                    resp.cancel()
+                    for f in feats:
+                        f.cancel()
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -7,21 +7,23 @@ failure becomes an :class:`ApiError` carrying the HTTP status and OpenAI's error
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llava_platform.data.conversation import lone_surrogate
+
 
 class ApiError(Exception):
     """A request the API refuses: ``status`` (4xx, or 503 when no replica can answer) and an
-    OpenAI-shaped body."""
+    OpenAI-shaped body; ``retry_after``: seconds for the ``Retry-After`` header."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, retry_after: int | None = None):
         super().__init__(message)
+        self.retry_after = retry_after
         self.status = status
         self.message = message
         self.param = param
@@ -141,30 +143,6 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
         else:
             msg = f"Invalid value for {param!r}: {err['msg']}"
         raise ApiError(400, msg, param or None, kind) from e
-
-
-def lone_surrogate(payload: Any) -> str | None:
-    """The dotted path of the first string (key or value) holding a lone surrogate, else None.
-    Such text cannot be encoded as UTF-8, so it must be refused before it reaches the tokenizer or
-    an error message. Iterative: the nesting depth is whatever the JSON parser allowed."""
-    stack: list[tuple[str, Any]] = [("", payload)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, str):
-            if _SURROGATE.search(value):
-                return path or "body"
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                sub = f"{path}.{k}" if path else str(k)
-                if _SURROGATE.search(k):
-                    return path or "body"
-                stack.append((sub, v))
-        elif isinstance(value, list):
-            stack.extend((f"{path}.{i}", v) for i, v in enumerate(value))
-    return None
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def completion_id() -> str:

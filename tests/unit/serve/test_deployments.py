@@ -283,12 +283,15 @@ def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_clu
             "api_key_file": str(key_file)}
     small = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
     client = _get_global_client()
-    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [{
-        "name": "secure", "route_prefix": "/secure", "import_path": "serve_apps.llava_chat:app_builder",
-        "runtime_env": {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[3])}}, "args": args,
-        "deployments": [dict(small, name=n) for n in ("Gateway", "VisionEncoder", "LanguageModel")]}]}),
-        _blocking=True)
     try:
+        client.deploy_apps(ServeDeploySchema.model_validate({"applications": [{
+            "name": "secure", "route_prefix": "/secure", "import_path": "serve_apps.llava_chat:app_builder",
+            "runtime_env": {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[3])}}, "args": args,
+            "deployments": [dict(small, name=n) for n in ("Gateway", "VisionEncoder", "LanguageModel")]}]}))
+        deadline = time.time() + 300  # deploy_apps(_blocking=True) gives up after 60 s: too short on 2 busy cores
+        while (status := serve.status().applications.get("secure")) is None or status.status != "RUNNING":
+            assert time.time() < deadline and (status is None or status.status != "DEPLOY_FAILED"), status
+            time.sleep(1)
         base = f"{serve_app.url}/secure/v1"
         body = {"model": "llava", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": secret}):
@@ -317,9 +320,9 @@ def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_clu
 # A killed replica is replaced and the application keeps answering (last: it disturbs the app).
 # ---------------------------------------------------------------------------------------------
 
-def _replicas(deployment: str) -> set[str]:
+def _replicas(deployment: str, app: str = "llava") -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]}
+            if a["namespace"] == "serve" and f"::{app}#{deployment}#" in a["name"]}
 
 
 def test_killed_replicas_are_replaced_and_requests_keep_succeeding(serve_app, client):
@@ -349,6 +352,48 @@ def test_killed_replicas_are_replaced_and_requests_keep_succeeding(serve_app, cl
     else:
         pytest.fail(f"replicas not replaced: {llm_now} {enc_now} {status}")
     assert ask(1) == 4
+
+
+def test_with_no_model_replica_requests_get_503_with_retry_after_not_a_hang(serve_app):
+    """Measured before: with the only LanguageModel replica gone, requests waited ~19 s for the
+    replacement. Here the LanguageModel can never be placed (it asks for a resource no node has)."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from llava_platform.serve.app import build_app
+
+    args = type(serve_app.args).model_validate({**serve_app.args.model_dump(), "replica_wait_timeout_s": 1.5})
+    small = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
+    starved = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"no_such_node": 1}}, "num_replicas": 1}
+    app = build_app(args, {"Gateway": small, "VisionEncoder": small, "LanguageModel": starved})
+    serve.run_many([RunTarget(app, name="starved", route_prefix="/starved")], wait_for_applications_running=False)
+    try:
+        base = f"{serve_app.url}/starved"
+        deadline = time.time() + 180
+        while True:  # the proxy holds requests until the new Gateway replica is up
+            try:
+                if httpx.get(f"{base}/healthz", timeout=30).status_code == 200:
+                    break
+            except httpx.TimeoutException:
+                pass
+            assert time.time() < deadline, "the starved app's Gateway never came up"
+            time.sleep(0.5)
+        body = {"model": "llava", "messages": [user_image_message(png(), "what shape?")], "max_tokens": 3}
+        for stream in (False, True):
+            start = time.time()
+            r = httpx.post(f"{base}/v1/chat/completions", json=dict(body, stream=stream), timeout=60)
+            took = time.time() - start
+            if stream:  # the status line is sent before generation starts: the error is an event
+                events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+                assert r.status_code == 200 and events[-1]["error"]["code"] == "replica_unavailable", r.text
+                assert r.text.rstrip().endswith("data: [DONE]")
+            else:
+                assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable", r.text
+                assert r.headers["retry-after"] == "5" and "1.5 s" in r.json()["error"]["message"]
+            assert 1.4 < took < 15, took
+    finally:
+        serve.delete("starved")
+    assert httpx.get(f"{serve_app.url}/healthz").status_code == 200
 
 
 def test_extreme_sampling_and_seeds_neither_fail_nor_hurt_concurrent_requests(serve_app, client, reference):
