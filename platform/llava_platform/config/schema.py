@@ -126,6 +126,9 @@ class DataConfig(StrictModel):
     # Thinner images are rejected (image_aspect_ratio) before decoding; so is one whose padded
     # square is over max_image_pixels.
     max_image_aspect_ratio: float = Field(MAX_IMAGE_ASPECT_RATIO, ge=1)
+    # Image files are read only up to this size (larger: image_file_too_large); devices, FIFOs and
+    # other non-regular files are never read (image_not_a_file).
+    max_image_bytes: int = Field(64 * 1024 * 1024, gt=0)
     on_bad_record: Literal["skip", "fail"] = "skip"
 
 

@@ -61,8 +61,8 @@ def decode(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RA
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RecordError("image_too_large", str(e)) from e
-    except Image.UnidentifiedImageError as e:  # its message names an in-memory buffer: say what was there
-        raise RecordError("undecodable_image", f"not a known image format; the data starts with {data[:16]!r}") from e
+    except Image.UnidentifiedImageError as e:  # its message names an in-memory buffer; the file's bytes stay out
+        raise RecordError("undecodable_image", f"not a known image format ({len(data)} bytes)") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for bad/truncated data
         raise RecordError("undecodable_image", f"{type(e).__name__}: {e}") from e
     return to_rgb(img)

@@ -19,9 +19,9 @@ Images are stored as uint8 HWC bytes at the vision tower's size; the training co
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from llava_platform import storage
-from llava_platform.config.schema import STAGE_TEMPLATES, PreprocessJobConfig, StorageConfig
-from llava_platform.data.conversation import chat_template, tokenize_record
+from llava_platform.config.schema import STAGE_TEMPLATES, DataConfig, PreprocessJobConfig, StorageConfig
+from llava_platform.data.conversation import chat_template, lone_surrogate, tokenize_record
 from llava_platform.data.sample import SampleSpec, encode_image
+from llava_platform.data.source import TOO_DEEP
 from llava_platform.errors import LlavaPlatformError, RecordError
 
 log = logging.getLogger(__name__)
@@ -68,28 +69,29 @@ class RecordProcessor:
 
     def __init__(self, tokenizer: Any, spec: SampleSpec, image_root: str | None,
                  storage_config: StorageConfig | None = None, duplicates: dict[str, int] | None = None,
-                 fail_on_bad_record: bool = False):
+                 fail_on_bad_record: bool = False, max_image_bytes: int = DataConfig.model_fields["max_image_bytes"].default):
         self.tokenizer = tokenizer
         self.spec = spec
         self.image_root = image_root
         self.storage_config = storage_config
         self.duplicates = duplicates or {}
         self.fail = fail_on_bad_record
-        self._fs = None
+        self.max_image_bytes = max_image_bytes
 
     def _image_uri(self, name: str) -> str:
-        if storage.is_remote(name) or os.path.isabs(name) or self.image_root is None:
-            return name
-        return storage.join(self.image_root, name)
+        """Where a record's image is: inside ``image_root`` (nothing outside it is ever read);
+        with no root, the path as given.
 
-    def _fetch(self, uris: list[str]) -> dict[str, bytes | Exception]:
-        if not uris:
-            return {}
-        if self._fs is None:
-            self._fs, _ = storage.filesystem(uris[0], self.storage_config)
-        paths = {u: storage.strip_scheme(u) for u in uris}
-        got = self._fs.cat(list(set(paths.values())), on_error="return")
-        return {u: got.get(p, FileNotFoundError(p)) for u, p in paths.items()}
+        Raises:
+            RecordError: ``image_outside_root``.
+        """
+        if self.image_root is None:
+            return name
+        uri = storage.inside(self.image_root, name)
+        if uri is None:
+            raise RecordError("image_outside_root", f"the image path {name!r} leads outside image_root "
+                              f"{self.image_root} (absolute, another location, or through ..); it was not read")
+        return uri
 
     def process(self, rows: Iterable[dict[str, Any]]) -> pa.Table:
         out: list[dict[str, Any]] = []
@@ -107,13 +109,20 @@ class RecordProcessor:
                 continue
             row.update(input_ids=tokens.input_ids, labels=tokens.labels, length=tokens.length)
             if record.get("image"):
-                pending.append((row, record, self._image_uri(record["image"])))
-        fetched = self._fetch([uri for _, _, uri in pending])
+                try:
+                    pending.append((row, record, self._image_uri(record["image"])))
+                except RecordError as e:
+                    self._reject(row, e)
+        fetched = storage.read_many([uri for _, _, uri in pending], self.max_image_bytes, self.storage_config)
         for row, record, uri in pending:
             data = fetched[uri]
             try:
                 if isinstance(data, FileNotFoundError):
                     raise RecordError("image_missing", f"{uri} does not exist")
+                if isinstance(data, storage.FileTooLarge):
+                    raise RecordError("image_file_too_large", f"{data} (data.max_image_bytes)")
+                if isinstance(data, storage.NotARegularFile):
+                    raise RecordError("image_not_a_file", str(data))
                 if isinstance(data, Exception):
                     raise RecordError("image_unreadable", f"{uri}: {type(data).__name__}: {data}")
                 row["image"] = encode_image(data, self.spec).tobytes()
@@ -123,10 +132,19 @@ class RecordProcessor:
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
     def _parse(self, src: dict[str, Any]) -> dict[str, Any]:
+        too_deep = RecordError("nested_too_deep", "the record nests arrays/objects too deeply to parse")
+        if src["raw"] == TOO_DEEP:
+            raise too_deep
         try:
             record = json.loads(src["raw"])
         except ValueError as e:
             raise RecordError("invalid_json", str(e)) from e
+        except RecursionError:
+            raise too_deep from None
+        bad = lone_surrogate(record)
+        if bad:
+            raise RecordError("invalid_unicode", f"`{bad}` holds a lone UTF-16 surrogate; "
+                              "text must be valid Unicode")
         if not isinstance(record, dict):
             raise RecordError("not_an_object", f"a record must be a JSON object, not {type(record).__name__}")
         if src["id"] is None:
@@ -252,7 +270,8 @@ def prepare(cfg: PreprocessJobConfig) -> PrepareReport:
     shards_path = f"{out_path}/shards"
     stage_kwargs = dict(tokenizer=tokenizer, spec=spec, image_root=cfg.data.image_root,
                         storage_config=cfg.storage, duplicates=dups,
-                        fail_on_bad_record=cfg.data.on_bad_record == "fail")
+                        fail_on_bad_record=cfg.data.on_bad_record == "fail",
+                        max_image_bytes=cfg.data.max_image_bytes)
     # Leave room for one read and one write task beside the actors, or reads never get scheduled.
     spare = ray.cluster_resources().get("CPU", 1) - 2 * cfg.read_cpus
     concurrency = cfg.num_workers or max(1, int(spare // cfg.cpus_per_worker))
@@ -379,15 +398,13 @@ def prepare_reference(cfg: PreprocessJobConfig, out_file: str) -> tuple[int, flo
     """
     import pyarrow.parquet as pq
 
-    from llava_platform.data.source import _record_id, jsonl_record
+    from llava_platform.data.source import array_records, jsonl_record
 
     t0 = time.time()
     tokenizer, spec = sample_spec_for(cfg)
     raw = storage.read_bytes(cfg.data.data_path, cfg.storage)
-    text = raw.decode("utf-8")
-    if text.lstrip("\ufeff \t\r\n").startswith("["):
-        rows = [{"row": i, "id": _record_id(obj), "raw": json.dumps(obj, ensure_ascii=False)}
-                for i, obj in enumerate(json.loads(text))]
+    if raw.decode("utf-8").lstrip("\ufeff \t\r\n").startswith("["):
+        rows = [{"row": i, "id": rid, "raw": text} for i, (rid, text) in enumerate(array_records(io.BytesIO(raw)))]
     else:
         rows, pos = [], 0
         for line in raw.splitlines(keepends=True):
@@ -400,7 +417,7 @@ def prepare_reference(cfg: PreprocessJobConfig, out_file: str) -> tuple[int, flo
         if r["id"] is not None:
             first.setdefault(r["id"], r["row"])
     proc = RecordProcessor(tokenizer, spec, cfg.data.image_root, cfg.storage, duplicates=first,
-                           fail_on_bad_record=cfg.data.on_bad_record == "fail")
+                           fail_on_bad_record=cfg.data.on_bad_record == "fail", max_image_bytes=cfg.data.max_image_bytes)
     with pq.ParquetWriter(out_file, OUTPUT_SCHEMA) as writer:
         pending: list[pa.Table] = []
         for r in rows:

@@ -15,7 +15,8 @@ it is rejected later with its id and reason. ``row`` is the record's index (arra
 from __future__ import annotations
 
 import json
-from typing import Iterator
+import re
+from typing import Any, Iterator
 
 import pyarrow as pa
 from ray.data import Datasource, ReadTask
@@ -26,25 +27,83 @@ from llava_platform.config.schema import StorageConfig
 
 SOURCE_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("raw", pa.string())])
 
+#: What ``raw`` holds for a JSON-array record too deeply nested to write back as text (it is
+#: rejected downstream as ``nested_too_deep``, like the same record in a JSONL file).
+TOO_DEEP = "[" * 2000 + "]" * 2000
+
 
 def _record_id(obj: object) -> str | None:
     if isinstance(obj, dict):
         rid = obj.get("id")
         if isinstance(rid, (str, int)) and not isinstance(rid, bool):
-            return str(rid)
+            # A lone surrogate cannot be stored as UTF-8: escaped, so the reject still names it.
+            return str(rid).encode("utf-8", "backslashreplace").decode("utf-8")
     return None
 
 
 def jsonl_record(line: bytes) -> tuple[str | None, str] | None:
-    """``(id, text)`` of one JSONL line, ``None`` for a blank line. A line that is not JSON keeps
-    ``id`` None and its text, to be rejected downstream with a reason."""
+    """``(id, text)`` of one JSONL line, ``None`` for a blank line. A line that is not JSON (or
+    nests too deeply to parse) keeps ``id`` None and its text, to be rejected downstream with a
+    reason."""
     text = line.decode("utf-8", errors="replace").strip()
     if not text:
         return None
     try:
         return _record_id(json.loads(text)), text
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, text
+
+
+def array_record(obj: object) -> tuple[str | None, str]:
+    """``(id, text)`` of one record parsed from a JSON array: its JSON text (non-ASCII kept as is,
+    or ``\\u`` escapes where it holds a lone surrogate, rejected downstream), or :data:`TOO_DEEP`."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False)
+        text.encode("utf-8")
+    except RecursionError:
+        return _record_id(obj), TOO_DEEP
+    except UnicodeEncodeError:
+        text = json.dumps(obj)
+    return _record_id(obj), text
+
+
+# A \\uD800-\\uDFFF escape that is not half of a pair (surrogate pairs are how ASCII-only JSON
+# writes emoji, so those are common and fine).
+_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                                    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def has_lone_surrogate_escape(f: Any, chunk: int = 8 << 20) -> bool:
+    """Whether the JSON text read from ``f`` escapes a lone UTF-16 surrogate. Streamed: a match
+    counts only where the 6 bytes before it and the 12 from its start are in the buffer (or the
+    file ends), and the bytes not yet decided are kept for the next chunk."""
+    buf, lo, at_start = b"", 0, True
+    while True:
+        data = f.read(chunk)
+        buf += data
+        hi = len(buf) if not data else len(buf) - 11  # starts below hi have their 12 bytes
+        for m in _LONE_SURROGATE_ESCAPE.finditer(buf):
+            if lo <= m.start() < hi and (at_start or m.start() >= 6):
+                return True
+        if not data:
+            return False
+        cut = max(0, hi - 6)  # keep 6 bytes of context before the first undecided start
+        at_start = at_start and cut == 0
+        buf, lo = buf[cut:], max(lo, hi) - cut
+
+
+def array_records(f: Any) -> Iterator[tuple[str | None, str]]:
+    """The records of a JSON array file (seekable), streamed; nesting of any depth is parsed
+    iteratively. ijson's C backend turns a lone surrogate escape into ``?``, which would change the
+    text silently: a file that holds one is parsed by its Python backend, which keeps it (and the
+    record is rejected as ``invalid_unicode``, as in a JSONL file)."""
+    import ijson
+
+    lone = has_lone_surrogate_escape(f)
+    f.seek(0)
+    backend = ijson.get_backend("python") if lone else ijson
+    for obj in backend.items(f, "item", use_float=True):
+        yield array_record(obj)
 
 
 def _table(rows: list[tuple[int, str | None, str]]) -> pa.Table:
@@ -70,13 +129,11 @@ def detect_format(uri: str, config: StorageConfig | None = None) -> str:
 
 
 def _read_array(uri: str, config: StorageConfig | None, block_rows: int) -> Iterator[pa.Table]:
-    import ijson
-
     fs, path = storage.filesystem(uri, config)
     rows: list[tuple[int, str | None, str]] = []
     with fs.open(path, "rb") as f:
-        for i, obj in enumerate(ijson.items(f, "item", use_float=True)):
-            rows.append((i, _record_id(obj), json.dumps(obj, ensure_ascii=False)))
+        for i, (rid, text) in enumerate(array_records(f)):
+            rows.append((i, rid, text))
             if len(rows) >= block_rows:
                 yield _table(rows)
                 rows = []

@@ -86,10 +86,11 @@ def test_decode_errors(data, reason):
     assert e.value.reason == reason
 
 
-def test_an_unknown_format_is_explained_by_its_first_bytes():
+def test_an_unknown_format_is_refused_without_quoting_the_files_bytes():
+    # Reject details land in rejects.jsonl and API errors: a file's content never does.
     with pytest.raises(RecordError) as e:
-        decode(b"<html>404 Not Found</html>", 10**6)
-    assert e.value.detail == "not a known image format; the data starts with b'<html>404 Not Fo'"
+        decode(b"root:x:0:0:root:/root:/bin/bash\n", 10**6)
+    assert e.value.detail == "not a known image format (32 bytes)"
 
 
 def test_truncated_image():

@@ -44,6 +44,11 @@ def build_dataset(root, synth_dir):
     (images / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     Image.new("RGB", (300, 300), (9, 9, 9)).save(images / "huge.png")
     Image.new("RGBA", (40, 20), (255, 0, 0, 128)).save(images / "rgba_wide.png")
+    # Hostile files: an image outside the root, a device behind a symlink, a big file, a thin image.
+    shutil.copy(good_imgs[0], root / "outside.png")
+    (images / "zero.png").symlink_to("/dev/zero")
+    (images / "big.png").write_bytes(np.random.default_rng(0).bytes(150_000))  # over data.max_image_bytes
+    Image.new("RGB", (1, 400), (9, 9, 9)).save(images / "thin.png")
 
     ok = lambda i, name, q="<image>\nWhat colour is the shape?", a="red": {  # noqa: E731
         "id": f"good-{i}", "image": name, "conversations": [h(q), g(a)]}
@@ -65,6 +70,14 @@ def build_dataset(root, synth_dir):
         "placeholdernoimage": "placeholder_without_image",
         "nonstring": "non_string_text",
         "toolong": "too_long",
+        "escape": "image_outside_root",
+        "absolute": "image_outside_root",
+        "passwd": "image_outside_root",
+        "devzero": "image_not_a_file",
+        "bigfile": "image_file_too_large",
+        "thin": "image_aspect_ratio",
+        "surrogate": "invalid_unicode",
+        "bad\\ud800id": "invalid_unicode",  # the id itself, escaped so that the reject can name it
         "good-0": None,  # the duplicate below is rejected; the first occurrence is kept
     }
     first_img = good_imgs[0].name
@@ -83,8 +96,21 @@ def build_dataset(root, synth_dir):
         {"id": "nonstring", "conversations": [h("q"), g(["not", "a", "string"])]},
         {"id": "toolong", "conversations": [h("word " * 400), g("a")]},
         {"id": "good-0", "image": first_img, "conversations": [h("<image>\nagain"), g("dup")]},
+        {"id": "escape", "image": "../outside.png", "conversations": [h("<image>\nq"), g("a")]},
+        {"id": "absolute", "image": str(root / "outside.png"), "conversations": [h("<image>\nq"), g("a")]},
+        {"id": "passwd", "image": "../../../../../../../../etc/passwd", "conversations": [h("<image>\nq"), g("a")]},
+        {"id": "devzero", "image": "zero.png", "conversations": [h("<image>\nq"), g("a")]},
+        {"id": "bigfile", "image": "big.png", "conversations": [h("<image>\nq"), g("a")]},
+        {"id": "thin", "image": "thin.png", "conversations": [h("<image>\nq"), g("a")]},
+        {"id": "surrogate", "conversations": [h("a lone \ud800 surrogate"), g("a")]},
+        {"id": "bad\ud800id", "conversations": [h("q"), g("a")]},
     ]
     return recs, expected
+
+
+# A record nested 5000 levels deep (Python's json gives up at ~1000): written into the files as
+# text, since json.dumps cannot write it either.
+DEEP = '{"id": "deep", "conversations": [], "x": ' + "[" * 5000 + "]" * 5000 + "}"
 
 
 def config(tmp_path, data_path, image_root, out, **extra):
@@ -96,6 +122,7 @@ def config(tmp_path, data_path, image_root, out, **extra):
         f"output_path={out}",
         "data.max_length=160",
         "data.max_image_pixels=40000",
+        "data.max_image_bytes=100000",
         "num_workers=2",
         "cpus_per_worker=0.5",
         "batch_size=4",
@@ -108,9 +135,9 @@ def config(tmp_path, data_path, image_root, out, **extra):
 def bad_world(tmp_path_factory, synth_dir):
     root = tmp_path_factory.mktemp("bad")
     recs, expected = build_dataset(root, synth_dir)
-    (root / "data.json").write_text(json.dumps(recs, indent=1))
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + "{broken json\n")
-    return root, recs, expected
+    (root / "data.json").write_text(json.dumps(recs, indent=1)[:-1] + ",\n" + DEEP + "\n]")
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + DEEP + "\n{broken json\n")
+    return root, [*recs, DEEP], dict(expected, deep="nested_too_deep")
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +163,11 @@ def test_every_record_accounted_for_with_its_reason(array_run, bad_world):
         assert by_id.get(rid) == [reason], (rid, by_id.get(rid), [r for r in rejects if r["id"] == rid])
     assert by_id["good-0"] == ["duplicate_id"]  # the second good-0 only
     assert all(r["detail"] for r in rejects)
+    # Measured before: ../outside.png and the absolute path were read and written as training rows,
+    # and the first bytes of /etc/passwd were copied into rejects.jsonl; /dev/zero was read until
+    # memory ran out; the lone surrogate and the deep record aborted the whole job.
+    text = open(storage.join(cfg.output_path, "rejects.jsonl")).read()
+    assert "root:" not in text and "x:0:0" not in text
     assert report.written == 9  # good-0..6, good-text, 42
     manifest = read_manifest(cfg.output_path)
     assert manifest["records_in"] == len(recs) and manifest["rejected"] == len(rejects)
@@ -176,6 +208,7 @@ def test_jsonl_input_gives_the_same_records(ray_cluster, bad_world, tmp_path):
     report = prepare(cfg)
     assert report.records_in == len(recs) + 1
     assert report.written == 9 and report.rejects_by_reason["invalid_json"] == 1
+    assert report.rejects_by_reason["nested_too_deep"] == 1 and report.rejects_by_reason["image_outside_root"] == 3
     assert report.records_in == report.written + report.rejected
 
 
@@ -221,7 +254,11 @@ def test_reader_and_collate_feed_the_model(array_run):
 def test_s3_end_to_end(ray_cluster, s3_server, bad_world, monkeypatch):
     root, recs, _ = bad_world
     bucket = s3_server.new_bucket()
-    storage.upload_dir(root / "images", f"s3://{bucket}/images", s3_server.storage_config())
+    images = root / "s3_images"  # the images without the symlink to /dev/zero (an upload would read it)
+    if not images.exists():
+        shutil.copytree(root / "images", images, ignore=lambda d, names: [n for n in names if n == "zero.png"])
+    storage.upload_dir(images, f"s3://{bucket}/images", s3_server.storage_config())
+    storage.write_bytes(f"s3://{bucket}/outside.png", (root / "outside.png").read_bytes(), s3_server.storage_config())
     storage.write_bytes(f"s3://{bucket}/data.json", (root / "data.json").read_bytes(), s3_server.storage_config())
     cfg = config(root, f"s3://{bucket}/data.json", f"s3://{bucket}/images", f"s3://{bucket}/prepared",
                  **{"storage.endpoint_url": s3_server.endpoint_url, "storage.access_key_id": s3_server.access_key_id,
@@ -230,7 +267,11 @@ def test_s3_end_to_end(ray_cluster, s3_server, bad_world, monkeypatch):
     assert report.records_in == len(recs) == report.written + report.rejected and report.written == 9
     manifest = read_manifest(cfg.output_path, cfg.storage)
     assert manifest["written"] == 9
-    assert b"image_missing" in storage.read_bytes(f"s3://{bucket}/prepared/rejects.jsonl", cfg.storage)
+    rejects = [json.loads(line) for line in storage.read_bytes(f"s3://{bucket}/prepared/rejects.jsonl", cfg.storage).splitlines()]
+    reasons = {r["id"]: r["reason"] for r in rejects}
+    assert reasons["missing"] == reasons["devzero"] == "image_missing"
+    assert reasons["escape"] == reasons["passwd"] == reasons["absolute"] == "image_outside_root"
+    assert reasons["bigfile"] == "image_file_too_large" and reasons["empty"] == "zero_size_image", rejects
     ds, _ = open_prepared(cfg.output_path, cfg.storage)
     assert ds.count() == 9
 

@@ -65,3 +65,22 @@ def test_detect_format(tmp_path):
     for bad in ("c.txt", "e.json"):
         with pytest.raises(ValueError, match="neither a JSON array nor JSON lines"):
             detect_format(str(tmp_path / bad))
+
+
+def test_lone_surrogate_escapes_are_found_across_chunk_boundaries():
+    """ijson's C backend would turn a lone \\ud800 into "?": such files are parsed by its Python
+    backend, so the scan must find every lone escape whatever the chunking, and never a pair."""
+    import io
+    import random
+
+    from llava_platform.data.source import _LONE_SURROGATE_ESCAPE, array_records, has_lone_surrogate_escape
+
+    rng = random.Random(0)
+    parts = [rb"\ud83d\ude00", rb"\ud800", rb"\udc00", b"x", b"\\", b"u", b"ab"]
+    for _ in range(2000):
+        text = b"".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
+        expected = bool(_LONE_SURROGATE_ESCAPE.search(text))
+        for chunk in (1, 2, 3, 5, 7, 11, 13, 1000):
+            assert has_lone_surrogate_escape(io.BytesIO(text), chunk) == expected, (text, chunk)
+    got = list(array_records(io.BytesIO(rb'[{"id": "s", "t": "a\ud800"}, {"id": "e", "t": "\ud83d\ude00"}]')))
+    assert got == [("s", '{"id": "s", "t": "a\\ud800"}'), ("e", '{"id": "e", "t": "\U0001f600"}')]
