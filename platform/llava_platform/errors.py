@@ -33,3 +33,7 @@ class RecordError(LlavaPlatformError, ValueError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class TrackingError(LlavaPlatformError):
+    """The MLflow tracking server cannot be reached."""

@@ -253,6 +253,25 @@ def read_bytes(uri: str, config: StorageConfig | None = None) -> bytes:
     return fs.cat_file(path)
 
 
+def check_writable(uri: str, what: str, config: StorageConfig | None = None) -> None:
+    """Before long work: create ``uri`` (a directory or S3 prefix) if needed and write, then
+    delete, a small probe object in it.
+
+    Raises:
+        StorageError: it cannot be written, naming ``what`` (the config key) and why.
+    """
+    probe = join(uri, f".write-check-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        fs, path = filesystem(probe, config)
+        if not is_remote(uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.pipe_file(path, b"ok")
+        fs.rm_file(path)
+    except (OSError, ValueError) as e:  # PermissionError, read-only file system, no space, S3 access denied
+        raise StorageError(f"{what} {uri} is not writable ({type(e).__name__}: {e}); "
+                           "give a location this job can write to") from None
+
+
 def write_bytes(uri: str, data: bytes, config: StorageConfig | None = None) -> None:
     fs, path = filesystem(uri, config)
     if not is_remote(uri):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_platform.config.schema import TrackingConfig
+from llava_platform.errors import TrackingError
 
 RUN_KEY_TAG = "llava_platform.run_key"
 
@@ -26,6 +27,30 @@ def tracking_uri(cfg: TrackingConfig, default_dir: str | os.PathLike | None = No
     root = Path(default_dir or os.getcwd()).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any training, when an HTTP tracking server does not answer: MLflow's own
+    client would retry for minutes, then fail with a traceback. Any HTTP answer (even 401/404)
+    means a server is there; file and database URIs are not checked.
+
+    Raises:
+        TrackingError: nothing answers at ``uri`` within ``timeout_s``.
+    """
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as e:  # URLError, refused, timeout, DNS, a malformed URI
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"the MLflow tracking server at {uri} is not reachable ({reason}); start it, or set "
+                            "tracking.tracking_uri (or MLFLOW_TRACKING_URI) to one that is") from None
 
 
 def use_tracking_uri(uri: str | None) -> None:
@@ -63,6 +88,19 @@ def ensure_run(cfg: TrackingConfig, uri: str, run_key: str, run_name: str, param
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+def mark_failed(uri: str, run_id: str, reason: str) -> None:
+    """End the MLflow run as FAILED with ``reason`` (tag ``llava_platform.failure``), so a failed
+    run is never left RUNNING. Best effort: a tracking error here must not hide the failure."""
+    import logging
+
+    try:
+        client = _client(uri)
+        client.set_tag(run_id, "llava_platform.failure", reason[:5000])
+        client.set_terminated(run_id, status="FAILED")
+    except Exception as e:  # noqa: BLE001 - the run's own failure is what the caller raises
+        logging.getLogger(__name__).warning("could not mark MLflow run %s FAILED: %s", run_id, e)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

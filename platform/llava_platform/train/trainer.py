@@ -160,6 +160,8 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     job = job.with_absolute_paths()
     uri = resolve_tracking_uri(job.tracking)
     mlflow.set_tracking_uri(uri)  # model URIs like runs:/... resolve against this server
+    for key, where in (("storage_path", job.storage_path), ("output_path", job.output_path)):
+        storage.check_writable(where, key, job.storage)  # now, not after the last step
     dataset, manifest = open_prepared(job.prepared_data, job.storage)
     processor, model_config = load_processor(job.model, job.storage)
     check_data_matches_model(job, manifest, processor.tokenizer, model_config)
@@ -167,18 +169,30 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     parent = parent_run_id(job)
     tags = {"stage1_run_id": parent} if parent else {}
     run_id = start_run(job.tracking, uri, job, job.storage_path, tags)
-    ckpt = fit("llava", job, dataset, total_steps, job.storage_path, job.storage, {
-        "image_size": manifest["sample_spec"]["image_size"], "tracking_uri": uri, "mlflow_run_id": run_id,
-        "parent_run_id": parent, "output_path": job.output_path,
-        "registered_model_name": job.tracking.registered_model_name}, deepspeed_overrides, trace_dir)
+    try:
+        ckpt = fit("llava", job, dataset, total_steps, job.storage_path, job.storage, {
+            "image_size": manifest["sample_spec"]["image_size"], "tracking_uri": uri, "mlflow_run_id": run_id,
+            "parent_run_id": parent, "output_path": job.output_path,
+            "registered_model_name": job.tracking.registered_model_name}, deepspeed_overrides, trace_dir)
+    except BaseException as e:  # failed, or interrupted: the MLflow run says so (a re-run resumes it)
+        from llava_platform.train.tracking import mark_failed
+
+        mark_failed(uri, run_id, f"{type(e).__name__}: {e}")
+        raise
     return TrainResult(job.name, run_id, uri, job.output_path, total_steps, ckpt)
 
 
 def resolve_tracking_uri(cfg) -> str:
-    """The run's MLflow URI: the config's, ``MLFLOW_TRACKING_URI``, or SQLite in ``./mlruns``."""
-    from llava_platform.train.tracking import tracking_uri
+    """The run's MLflow URI: the config's, ``MLFLOW_TRACKING_URI``, or SQLite in ``./mlruns``.
 
-    return tracking_uri(cfg, default_dir=os.path.join(os.getcwd(), "mlruns"))
+    Raises:
+        TrackingError: an HTTP tracking server that does not answer (checked before any work).
+    """
+    from llava_platform.train.tracking import check_reachable, tracking_uri
+
+    uri = tracking_uri(cfg, default_dir=os.path.join(os.getcwd(), "mlruns"))
+    check_reachable(uri)
+    return uri
 
 
 def start_run(tracking, uri: str, job, storage_path: str, tags: dict[str, str]) -> str:

@@ -283,3 +283,33 @@ def test_text_only_micro_batches_with_an_unfrozen_vision_tower(ray_cluster, tmp_
     result = run_training(j)
     assert result.total_steps == 4
     assert all(math.isfinite(v) for v in loss_history(result))
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
+    """Measured before: a read-only storage_path ended in an OSError traceback, and output_path was
+    only tried after the last step. (As root, a file in the way stands for a read-only folder.)"""
+    from llava_platform.errors import StorageError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    for key in ("storage_path", "output_path"):
+        j = job(tmp_path, "ro", "pretrain", tmp_path / "absent-data", ["model.preset=tiny"],
+                **{key: str(blocker / "sub")})
+        with pytest.raises(StorageError, match=f"{key} {blocker / 'sub'} is not writable"):
+            run_training(j)
+    assert not list(blocker.parent.glob("runs/**/.write-check-*"))  # the probes are removed
+
+
+def test_a_failed_run_is_marked_failed_in_mlflow_with_its_reason(prepared, tmp_path):
+    """Measured before: runs that failed were left RUNNING in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    j = job(tmp_path, "doomed", "pretrain", prepared / "pretrain", ["model.preset=tiny"],
+            **{"train.zero_stage": 2, "train.max_steps": 2})
+    with pytest.raises(TrainingError):
+        run_training(j, deepspeed_overrides={"train_batch_size": 7})  # not micro x accumulation x workers
+    client = MlflowClient(j.tracking.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                filter_string="tags.`llava_platform.run_name` = 'doomed'")
+    assert run.info.status == "FAILED"
+    assert "TrainingError" in run.data.tags["llava_platform.failure"]

@@ -34,3 +34,32 @@ def test_one_run_per_key_and_plain_dir_registration(tmp_path):
     client = MlflowClient(uri)
     assert [v.description for v in client.search_model_versions("name='m'")][::-1] == ["first", "second"]
     assert client.get_metric_history(a, "loss")[0].value == 2.0
+
+
+def test_an_unreachable_tracking_server_fails_fast_with_one_clear_error(mlflow_server, tmp_path):
+    """Measured before: an unreachable tracking_uri hung 257 s in MLflow's retries, then a traceback."""
+    import socket
+    import time
+
+    import pytest
+
+    from llava_platform.config.schema import TrackingConfig
+    from llava_platform.errors import TrackingError
+    from llava_platform.train.trainer import resolve_tracking_uri
+    from llava_platform.train.tracking import check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with socket.socket() as silent:  # a server that accepts and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        hung = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.time()
+        with pytest.raises(TrackingError, match=f"{closed} is not reachable.*tracking.tracking_uri"):
+            resolve_tracking_uri(TrackingConfig(tracking_uri=closed))
+        with pytest.raises(TrackingError, match=f"{hung} is not reachable"):
+            check_reachable(hung, timeout_s=1.0)
+        assert time.time() - start < 15
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri=mlflow_server)) == mlflow_server
+    check_reachable(f"sqlite:///{tmp_path}/mlflow.db")  # not a server: nothing to check
