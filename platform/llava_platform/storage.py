@@ -289,6 +289,37 @@ def upload_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = N
     fs.put(str(local_dir).rstrip("/") + "/", path, recursive=True)
 
 
+def publish_dir(local_dir: str | Path, uri: str, config: StorageConfig | None = None) -> None:
+    """Copy a finished local directory (a model export) to ``uri`` so that a reader never finds a
+    half-written one. Locally: copied beside the target under a temporary name, then renamed over
+    it (the old one removed after); a failed copy (disk full) leaves the target as it was and no
+    partial folder. On S3 (no rename): every file is uploaded, ``config.json`` last, so that an
+    interrupted upload is not loadable as a model.
+
+    Raises:
+        OSError: the copy failed (nothing partial is left locally).
+    """
+    fs, path = filesystem(uri, config)
+    if is_remote(uri):
+        files = sorted((p for p in Path(local_dir).rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
+        for f in files:
+            fs.put_file(str(f), f"{path}/{f.relative_to(local_dir).as_posix()}")
+        return
+    parent = os.path.dirname(path.rstrip(os.sep)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+    partial, old = f"{path}.partial-{tag}", f"{path}.old-{tag}"
+    try:
+        shutil.copytree(local_dir, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(partial, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def local_dir(uri: str, config: StorageConfig | None = None, cache_root: str | Path | None = None,
               skip_suffixes: tuple[str, ...] = ()) -> str:
     """A local directory holding the tree at ``uri``: the path itself when local, else a download

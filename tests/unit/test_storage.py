@@ -1,5 +1,7 @@
 """Storage against the local filesystem and a real S3 API (moto's server on 127.0.0.1)."""
 
+import shutil
+
 import pyarrow.fs as pafs
 import pytest
 
@@ -102,3 +104,42 @@ def test_s3_upload_and_download_tree(s3_server, no_aws_credentials, tmp_path):
     assert got == {"a.txt": "A", "sub/b.txt": "B"}
     with pytest.raises(FileNotFoundError):
         storage.local_dir(f"s3://{bucket}/nothing-here", cfg, cache_root=tmp_path / "cache")
+
+
+def test_publish_dir_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path):
+    """Measured before: a full disk left a config.json of 0 bytes and a truncated model.safetensors
+    in the export. (A dangling link stands for the copy failing half-way.)"""
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "config.json").write_text("new")
+    (good / "model.safetensors").write_bytes(b"w" * 100)
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    (broken / "tokenizer.json").symlink_to(tmp_path / "gone")
+    with pytest.raises(OSError):
+        storage.publish_dir(broken, str(target))
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"] and (target / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "export", "good"]  # no partial folder left
+    storage.publish_dir(good, str(target))
+    assert (target / "config.json").read_text() == "new" and (target / "model.safetensors").stat().st_size == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "export", "good"]
+    storage.publish_dir(good, str(tmp_path / "fresh" / "export"))  # a target that does not exist yet
+    assert (tmp_path / "fresh" / "export" / "config.json").read_text() == "new"
+
+
+@pytest.mark.s3
+def test_publish_dir_to_s3_uploads_the_tree_config_json_last(s3_server, no_aws_credentials, tmp_path):
+    cfg = s3_server.storage_config()
+    bucket = s3_server.new_bucket()
+    src = tmp_path / "export"
+    (src / "sub").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "sub/x.txt"):
+        (src / name).write_text(name)
+    storage.publish_dir(src, f"s3://{bucket}/export", cfg)
+    fs, _ = storage.filesystem(f"s3://{bucket}", cfg)
+    found = sorted(p.split("/export/", 1)[1] for p in fs.find(f"{bucket}/export"))
+    assert found == ["config.json", "model.safetensors", "sub/x.txt"]
+    assert storage.read_bytes(f"s3://{bucket}/export/sub/x.txt", cfg) == b"sub/x.txt"

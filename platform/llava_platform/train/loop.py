@@ -241,7 +241,7 @@ def _export(engine, objective, config: dict[str, Any], rank: int, logger) -> Non
         export_dir = os.path.join(tmp, "export")
         os.makedirs(export_dir)
         objective.export(model, export_dir)
-        storage.upload_dir(export_dir, config["output_path"], config.get("storage"))
+        storage.publish_dir(export_dir, config["output_path"], config.get("storage"))  # whole or not at all
         if logger is not None:
             source = logger.artifacts(export_dir, "export")
             registered = config.get("registered_model_name")
