@@ -22,6 +22,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray turns token authentication on for a new local cluster anyway, with a warning on every
+        # start; asking for it explicitly keeps it on and the output clean.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", False), **kwargs)
 
 

@@ -105,7 +105,7 @@ def vision_dataset(world: str, spec: VisionTowerSpec, tokenizer: Any, num_cpus: 
     items = vision_items(world)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(32, len(items) // 256)))
     return ds.map_batches(VisionRows, fn_constructor_kwargs={"world": world, "spec": spec, "tokenizer": tokenizer},
-                          batch_size=256, concurrency=1, num_cpus=num_cpus, batch_format="numpy")
+                          batch_size=256, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, batch_format="numpy")
 
 
 def collate_vision_rows(rows: Sequence[dict[str, Any]], spec: VisionTowerSpec) -> dict[str, torch.Tensor]:
@@ -191,7 +191,7 @@ def language_dataset(world: str, tokenizer: Any, max_length: int = 512, num_cpus
     random.Random(seed).shuffle(docs)
     ds = ray.data.from_items([{"doc": json.dumps(d)} for d in docs], override_num_blocks=max(1, min(32, len(docs) // 256)))
     return ds.map_batches(LanguageRows, fn_constructor_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-                          batch_size=256, concurrency=1, num_cpus=num_cpus, batch_format="numpy")
+                          batch_size=256, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, batch_format="numpy")
 
 
 def world_corpus(world: str) -> Iterable[str]:

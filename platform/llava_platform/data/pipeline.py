@@ -284,7 +284,7 @@ def prepare(cfg: PreprocessJobConfig) -> PrepareReport:
         fn_constructor_kwargs=stage_kwargs,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=cfg.cpus_per_worker,
     )
     try:

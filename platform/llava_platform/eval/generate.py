@@ -162,7 +162,7 @@ def generate_answers(questions: list[dict[str, Any]], model: ModelSpec, cfg: Eva
         fn_constructor_kwargs={"model": model, "cfg": cfg, "storage_config": storage_config, "model_id": model_id,
                                "tracking_uri": tracking_uri, "use_gpu": cfg.use_gpu},
         batch_size=cfg.batch_size,
-        concurrency=cfg.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else 0,
     )
