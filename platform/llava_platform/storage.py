@@ -53,11 +53,45 @@ def strip_scheme(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+#: Where a job's relative paths (inputs and outputs) lie, when set; else the working directory.
+WORKSPACE_ENV = "LLAVA_WORKSPACE"
+
+
 def absolute(uri: str | None) -> str | None:
-    """``uri`` with a local path made absolute (Ray workers run in other directories); s3:// as is."""
+    """``uri`` with a local path made absolute (Ray workers run in other directories): a relative
+    one against ``$LLAVA_WORKSPACE`` when set, else the working directory; s3:// as is."""
     if uri is None or is_remote(uri):
         return uri
+    workspace = os.environ.get(WORKSPACE_ENV)
+    path = str(uri)[len("file://"):] if str(uri).startswith("file://") else os.path.expanduser(str(uri))
+    if workspace and not os.path.isabs(path):
+        return join(workspace, path) if is_remote(workspace) else os.path.normpath(os.path.join(strip_scheme(workspace), path))
     return strip_scheme(uri)
+
+
+def in_ray_job_copy(cwd: str | None = None) -> bool:
+    """Whether this process runs in Ray's temporary copy of a job's ``--working-dir`` (deleted
+    with the job's runtime environment)."""
+    parts = Path(cwd or os.getcwd()).parts
+    return "runtime_resources" in parts and any(p.startswith("working_dir_files") for p in parts)
+
+
+def output_location(uri: str, key: str) -> str:
+    """:func:`absolute` for a location a job writes (``key``: its config key).
+
+    Raises:
+        StorageError: a relative path inside Ray's copy of the working directory, with no
+            ``$LLAVA_WORKSPACE``: the output would vanish with the job.
+    """
+    path = str(uri)
+    if (not is_remote(path) and not path.startswith("file://") and not os.path.isabs(os.path.expanduser(path))
+            and not os.environ.get(WORKSPACE_ENV) and in_ray_job_copy()):
+        raise StorageError(
+            f"{key} {uri!r} is relative, and this job runs in Ray's temporary copy of the working directory "
+            f"({os.getcwd()}), which is deleted after the job: give an absolute or s3:// path, or set "
+            f"{WORKSPACE_ENV} for the job (ray job submit --runtime-env-json "
+            f"'{{\"env_vars\": {{\"{WORKSPACE_ENV}\": \"/shared/work\"}}}}' ...) to resolve relative paths there")
+    return absolute(uri)
 
 
 def join(uri: str, *parts: str) -> str:

@@ -104,7 +104,7 @@ def _model_with_absolute_paths(spec: "ModelSpec") -> "ModelSpec":
 
     # Hub ids ("openai/clip-vit-large-patch14-336") look like relative paths: only existing paths change.
     fields = ("checkpoint", "vision_tower", "llm", "tokenizer")
-    update = {f: absolute(getattr(spec, f)) for f in fields if getattr(spec, f) and os.path.exists(getattr(spec, f))}
+    update = {f: absolute(getattr(spec, f)) for f in fields if getattr(spec, f) and os.path.exists(absolute(getattr(spec, f)))}
     return spec.model_copy(update=update)
 
 
@@ -330,11 +330,11 @@ class PreprocessJobConfig(StrictModel):
 
     def with_absolute_paths(self) -> "PreprocessJobConfig":
         """The same config with local paths absolute, as Ray workers need them."""
-        from llava_platform.storage import absolute
+        from llava_platform.storage import absolute, output_location
 
         data = self.data.model_copy(update={"data_path": absolute(self.data.data_path),
                                             "image_root": absolute(self.data.image_root)})
-        return self.model_copy(update={"data": data, "output_path": absolute(self.output_path),
+        return self.model_copy(update={"data": data, "output_path": output_location(self.output_path, "output_path"),
                                        "model": _model_with_absolute_paths(self.model)})
 
 
@@ -362,11 +362,12 @@ class TrainJobConfig(StrictModel):
 
     def with_absolute_paths(self) -> "TrainJobConfig":
         """The same config with local paths absolute, as Ray workers need them."""
-        from llava_platform.storage import absolute
+        from llava_platform.storage import absolute, output_location
 
         return self.model_copy(update={
-            "prepared_data": absolute(self.prepared_data), "storage_path": absolute(self.storage_path),
-            "output_path": absolute(self.output_path), "model": _model_with_absolute_paths(self.model)})
+            "prepared_data": absolute(self.prepared_data),
+            "storage_path": output_location(self.storage_path, "storage_path"),
+            "output_path": output_location(self.output_path, "output_path"), "model": _model_with_absolute_paths(self.model)})
 
 
 class EvalJobConfig(StrictModel):
@@ -486,7 +487,8 @@ class ComponentsJobConfig(StrictModel):
         return data
 
     def with_absolute_paths(self) -> "ComponentsJobConfig":
-        from llava_platform.storage import absolute
+        from llava_platform.storage import absolute, output_location
 
-        return self.model_copy(update={"world": absolute(self.world), "output_path": absolute(self.output_path),
-                                       "storage_path": absolute(self.storage_path)})
+        return self.model_copy(update={"world": absolute(self.world),
+                                       "output_path": output_location(self.output_path, "output_path"),
+                                       "storage_path": output_location(self.storage_path, "storage_path")})

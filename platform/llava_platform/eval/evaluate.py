@@ -122,6 +122,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
 
     t0 = time.time()
     cfg, st = job.eval, job.storage
+    cfg = cfg.model_copy(update={"output_dir": storage.output_location(cfg.output_dir, "eval.output_dir")})
     questions = read_questions(cfg.questions, st)
     key = None
     if cfg.answers_key:

@@ -80,3 +80,29 @@ def test_local_paths_become_absolute_for_workers(tmp_path, monkeypatch):
                               output_path="o").with_absolute_paths()
     assert pre.model.vision_tower == "openai/clip-vit-large-patch14-336"  # a hub id, not a path
     assert pre.data.image_root == str(tmp_path / "imgs") and pre.output_path == str(tmp_path / "o")
+
+
+def test_relative_paths_under_ray_job_submit_use_the_workspace_or_are_refused(tmp_path, monkeypatch):
+    """Measured before: `ray job submit --working-dir .` with the smoke configs wrote outputs into
+    Ray's temporary copy of the working directory, deleted after the job."""
+    from llava_platform.config.schema import TrainJobConfig
+    from llava_platform.errors import StorageError
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("LLAVA_WORKSPACE", raising=False)
+    job = TrainJobConfig(name="r", model={"preset": "tiny"}, prepared_data="data/p", storage_path="runs",
+                         output_path="/abs/out", train={"stage": "pretrain", "global_batch_size": 2,
+                                                        "micro_batch_size": 2, "lr": 1.0})
+    with pytest.raises(StorageError, match="storage_path 'runs' is relative.*temporary copy.*LLAVA_WORKSPACE"):
+        job.with_absolute_paths()
+    monkeypatch.setenv("LLAVA_WORKSPACE", str(tmp_path / "ws"))
+    a = job.with_absolute_paths()
+    assert (a.prepared_data, a.storage_path, a.output_path) == (
+        str(tmp_path / "ws" / "data" / "p"), str(tmp_path / "ws" / "runs"), "/abs/out")
+    monkeypatch.setenv("LLAVA_WORKSPACE", "s3://bucket/work")
+    assert job.with_absolute_paths().storage_path == "s3://bucket/work/runs"
+    monkeypatch.delenv("LLAVA_WORKSPACE")
+    monkeypatch.chdir(tmp_path)  # an ordinary directory: relative paths as before
+    assert job.with_absolute_paths().storage_path == str(tmp_path / "runs")
