@@ -178,15 +178,14 @@ def ray_cluster():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` process on a free loopback port (SQLite store, local artifacts)."""
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, object, str]:
+    """A real ``mlflow server`` process on a loopback port (SQLite store and artifacts under
+    ``root``, so a restart on the same port finds its runs again): (process, log file, URL)."""
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(root / "server.log", "wb")
+    log = open(root / "server.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
@@ -200,6 +199,13 @@ def mlflow_server(tmp_path_factory):
             return r.status == 200
 
     wait_until_ready(proc, healthy, "mlflow server", log.name, 90)
+    return proc, log, url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` process on a free loopback port (SQLite store, local artifacts)."""
+    proc, log, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield url
     stop_process(proc, log)
 

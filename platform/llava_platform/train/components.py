@@ -122,7 +122,7 @@ def _run(cfg: ComponentsJobConfig, component: str, dataset, records: int, out_di
     t0 = time.time()
     total = steps_for_records(train, records)
     run_id = start_run(cfg.tracking, uri, run, cfg.storage_path,
-                       {"llava_platform.world": cfg.world, "llava_platform.fingerprint": key})
+                       {"llava_platform.world": cfg.world, "llava_platform.fingerprint": key}, cfg.storage)
     fit(component, run, dataset, total, cfg.storage_path, cfg.storage,
         {"tokenizer_dir": tokenizer_dir, "tracking_uri": uri, "mlflow_run_id": run_id, "output_path": out_dir})
     seconds = round(time.time() - t0, 1)

@@ -112,7 +112,8 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = _setup_scheduler(optimizer, t, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(t, config.get("deepspeed_overrides")))
-    logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    logger = (RunLogger(config["tracking_uri"], config["mlflow_run_id"], config.get("tracking_spool"), config.get("storage"))
+              if rank == 0 else None)
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -245,10 +246,11 @@ def _export(engine, objective, config: dict[str, Any], rank: int, logger) -> Non
         if logger is not None:
             source = logger.artifacts(export_dir, "export")
             registered = config.get("registered_model_name")
-            if registered:
+            if registered and source is not None:
                 parent = config.get("parent_run_id")
                 desc = f"LLaVA stage {t.stage} ({config['run_name']}), MLflow run {config['mlflow_run_id']}"
                 desc += f"; from stage-1 run {parent}" if parent else ""
                 version = logger.register(registered, source, desc)
-                logger.tag("registered_model_version", f"{registered}/{version}")
+                if version is not None:
+                    logger.tag("registered_model_version", f"{registered}/{version}")
             logger.finish()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,38 +116,158 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class RunLogger:
-    """Rank 0's handle on the MLflow run: metrics, artifacts, registration."""
+def spool_path(storage_path: str, run_name: str) -> str:
+    """Where rank 0 keeps what it could not log (the tracking server was down) for a re-run to replay."""
+    from llava_platform import storage
 
-    def __init__(self, uri: str, run_id: str):
+    return storage.join(storage_path, run_name, "unlogged_tracking.json")
+
+
+class RunLogger:
+    """Rank 0's handle on the MLflow run: metrics, artifacts, registration.
+
+    Tracking is an observer, never on the critical path: when the server stops answering, metrics
+    and tags are kept in memory and sent with the next call that gets through (tried again at most
+    every ``retry_every_s``, so a dead server costs training almost nothing); whatever is still
+    unsent at :meth:`finish` is written to ``spool`` (see :func:`spool_path`), which the next run of
+    the same name replays (:func:`replay_unlogged`).
+    """
+
+    def __init__(self, uri: str, run_id: str, spool: str | None = None, storage_config: Any = None,
+                 retry_every_s: float = 30.0):
+        # MLflow's default (7 retries, backoff factor 2) spends ~4 minutes on each call to a dead server.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self.client = _client(uri)
-        self.run_id = run_id
+        self.uri, self.run_id = uri, run_id
+        self.spool, self.storage_config = spool, storage_config
+        self.retry_every_s = retry_every_s
+        self.pending_metrics: list[Any] = []
+        self.pending_tags: dict[str, str] = {}
+        self.not_logged: list[str] = []  # what cannot be replayed later (artifacts, registration)
+        self._down_until = 0.0
+        self._warned = False
+
+    def _reachable(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, what: str, error: Exception) -> None:
+        self._down_until = time.monotonic() + self.retry_every_s
+        if not self._warned:
+            self._warned = True
+            print(f"[train] tracking: {what} could not be logged ({type(error).__name__}: {str(error)[:200]}); "
+                  f"training goes on, metrics are kept and sent when {self.uri} answers again", flush=True)
+
+    def _flush(self) -> bool:
+        """Send what is pending; False if the server did not take it."""
+        from mlflow.entities import RunTag
+
+        if not (self.pending_metrics or self.pending_tags):
+            return True
+        if not self._reachable():
+            return False
+        try:
+            while self.pending_metrics:
+                batch = self.pending_metrics[:1000]
+                self.client.log_batch(self.run_id, metrics=batch)
+                del self.pending_metrics[:len(batch)]
+            if self.pending_tags:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.pending_tags.items()])
+                self.pending_tags.clear()
+        except Exception as e:  # noqa: BLE001 - any client error: keep the values, go on training
+            self._failed("metrics", e)
+            return False
+        return True
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        self.pending_metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
+        self._flush()
 
     def tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.pending_tags[key] = value
+        self._flush()
 
-    def artifacts(self, local_dir: str, artifact_path: str) -> str:
-        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
-        return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+    def artifacts(self, local_dir: str, artifact_path: str) -> str | None:
+        """The artifacts' URI, or None when the server could not take them (noted in the report)."""
+        try:
+            self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+            return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        except Exception as e:  # noqa: BLE001
+            self._failed(f"artifacts {artifact_path}", e)
+            self.not_logged.append(f"artifacts {artifact_path}/ (the export itself is written)")
+            return None
 
-    def register(self, name: str, source: str, description: str) -> str:
+    def register(self, name: str, source: str, description: str) -> str | None:
         """A new version of registered model ``name`` for a plain artifact directory (``register_model``
-        refuses directories that are not MLflow logged models; ``create_model_version`` does not)."""
+        refuses directories that are not MLflow logged models; ``create_model_version`` does not);
+        None when the server could not take it (noted in the report)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(name)
-        except MlflowException:
-            pass  # exists
-        version = self.client.create_model_version(name, source=source, run_id=self.run_id, description=description)
-        return str(version.version)
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException:
+                pass  # exists (or the server is down: then the next call fails too)
+            version = self.client.create_model_version(name, source=source, run_id=self.run_id, description=description)
+            return str(version.version)
+        except Exception as e:  # noqa: BLE001
+            self._failed(f"registration of {name}", e)
+            self.not_logged.append(f"registration of {name}")
+            return None
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED") -> str | None:
+        """End the run; returns a line saying what could not be logged (and where it was kept), or
+        None when everything got through."""
+        from llava_platform import storage
+
+        self._down_until = 0.0  # one last try
+        if self._flush():
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+                status = ""
+            except Exception as e:  # noqa: BLE001
+                self._failed("the run's end", e)
+        if not (self.pending_metrics or self.pending_tags or status or self.not_logged):
+            return None
+        parts = [f"{len(self.pending_metrics)} metric values"] if self.pending_metrics else []
+        parts += [f"{len(self.pending_tags)} tags"] if self.pending_tags else []
+        parts += [f"the run's status {status}"] if status else []
+        parts += self.not_logged
+        line = f"[train] tracking: not logged to {self.uri}: {', '.join(parts)}"
+        if self.spool and (self.pending_metrics or self.pending_tags or status):
+            body = {"run_id": self.run_id, "status": status or None, "tags": self.pending_tags,
+                    "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self.pending_metrics]}
+            try:
+                storage.write_bytes(self.spool, json.dumps(body).encode(), self.storage_config)
+                line += f"; kept in {self.spool}, replayed by the next run of the same name"
+            except OSError as e:
+                line += f"; could not keep them either ({e})"
+        print(line, flush=True)
+        return line
+
+
+def replay_unlogged(uri: str, run_id: str, spool: str, storage_config: Any = None) -> int:
+    """Log what an earlier attempt of this run kept in ``spool`` (see :class:`RunLogger`), then
+    remove it; returns the number of metric values replayed (0: nothing kept)."""
+    from mlflow.entities import Metric, RunTag
+
+    from llava_platform import storage
+
+    try:
+        body = json.loads(storage.read_bytes(spool, storage_config))
+    except FileNotFoundError:
+        return 0
+    client = _client(uri)
+    metrics = [Metric(k, v, ts, step) for k, v, ts, step in body.get("metrics", [])]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    if body.get("tags"):
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in body["tags"].items()])
+    if body.get("status"):
+        client.set_terminated(run_id, status=body["status"])
+    fs, path = storage.filesystem(spool, storage_config)
+    fs.rm_file(path)
+    return len(metrics)

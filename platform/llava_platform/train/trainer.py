@@ -168,7 +168,7 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     total_steps = steps_for(job, manifest["written"])
     parent = parent_run_id(job)
     tags = {"stage1_run_id": parent} if parent else {}
-    run_id = start_run(job.tracking, uri, job, job.storage_path, tags)
+    run_id = start_run(job.tracking, uri, job, job.storage_path, tags, job.storage)
     try:
         ckpt = fit("llava", job, dataset, total_steps, job.storage_path, job.storage, {
             "image_size": manifest["sample_spec"]["image_size"], "tracking_uri": uri, "mlflow_run_id": run_id,
@@ -195,10 +195,10 @@ def resolve_tracking_uri(cfg) -> str:
     return uri
 
 
-def start_run(tracking, uri: str, job, storage_path: str, tags: dict[str, str]) -> str:
+def start_run(tracking, uri: str, job, storage_path: str, tags: dict[str, str], storage_config=None) -> str:
     """The MLflow run of training run ``job.name`` (one across retries and re-runs; params are the
     resolved config, tags the stage and the system's facts)."""
-    from llava_platform.train.tracking import ensure_run, flatten
+    from llava_platform.train.tracking import ensure_run, flatten, replay_unlogged, spool_path
 
     artifact_root = None
     if uri.startswith("sqlite:///") and not tracking.artifact_location:
@@ -206,7 +206,11 @@ def start_run(tracking, uri: str, job, storage_path: str, tags: dict[str, str]) 
     name = job.name
     tags = {"stage": job.train.stage, "llava_platform.run_name": name, **system_facts(), **tags}
     run_key = storage.join(storage_path, name)
-    return ensure_run(tracking, uri, run_key, name, flatten(json.loads(job.model_dump_json())), tags, artifact_root)
+    run_id = ensure_run(tracking, uri, run_key, name, flatten(json.loads(job.model_dump_json())), tags, artifact_root)
+    replayed = replay_unlogged(uri, run_id, spool_path(storage_path, name), storage_config)
+    if replayed:
+        print(f"[train] tracking: replayed {replayed} metric values an earlier attempt could not log", flush=True)
+    return run_id
 
 
 def fit(objective: str, job, dataset, total_steps: int, storage_path: str, storage_config,
@@ -226,6 +230,7 @@ def fit(objective: str, job, dataset, total_steps: int, storage_path: str, stora
     from ray.train.torch import TorchTrainer
 
     from llava_platform.train.loop import train_loop
+    from llava_platform.train.tracking import spool_path
 
     train, name = job.train, job.name
     check_room_for_data(train.num_workers * train.cpus_per_worker)
@@ -235,7 +240,7 @@ def fit(objective: str, job, dataset, total_steps: int, storage_path: str, stora
         train_loop,
         train_loop_config={"objective": objective, "job": job, "total_steps": total_steps, "run_name": name,
                            "storage": storage_config, "deepspeed_overrides": deepspeed_overrides,
-                           "trace_dir": trace_dir, **facts},
+                           "trace_dir": trace_dir, "tracking_spool": spool_path(storage_path, name), **facts},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources, accelerator_type=train.accelerator_type),
         run_config=RunConfig(

@@ -63,3 +63,43 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_clear_error(mlflow_s
         assert time.time() - start < 15
     assert resolve_tracking_uri(TrackingConfig(tracking_uri=mlflow_server)) == mlflow_server
     check_reachable(f"sqlite:///{tmp_path}/mlflow.db")  # not a server: nothing to check
+
+
+def test_metrics_survive_a_tracking_server_that_dies_and_are_replayed_when_it_returns(tmp_path, monkeypatch):
+    """Measured before: an MLflow server that died mid-run failed the run after 642 s, with no export.
+    Now rank 0's logger keeps what the server cannot take, costs training little while it is down,
+    keeps the rest in a spool file at the end, and the next run of the same name replays it."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import start_mlflow_server, stop_process
+    from llava_platform.train.tracking import replay_unlogged, spool_path
+
+    for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+        monkeypatch.setenv(var, value)  # what RunLogger sets in rank 0's process; undone after this test
+    proc, log, url = start_mlflow_server(tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+    run_id = ensure_run(TrackingConfig(experiment="dying"), url, "key", "dying", {}, {})
+    spool = spool_path(str(tmp_path / "runs"), "dying")
+    logger = RunLogger(url, run_id, spool=spool, retry_every_s=30)
+    logger.metrics({"loss": 1.0}, 1)
+    stop_process(proc, log)  # the server dies mid-run
+    start = time.time()
+    logger.metrics({"loss": 0.9}, 2)  # one failed try...
+    for step in range(3, 50):
+        logger.metrics({"loss": 1.0 / step}, step)  # ...then no tries until retry_every_s has passed
+    logger.tag("last_checkpoint_step", "49")
+    assert time.time() - start < 30
+    report = logger.finish()
+    assert report and "48 metric values" in report and spool in report
+    proc, log, _ = start_mlflow_server(tmp_path, port)  # the server is back, with the same store
+    try:
+        assert replay_unlogged(url, run_id, spool) == 48
+        client = MlflowClient(url)
+        assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 50))
+        run = client.get_run(run_id)
+        assert run.data.tags["last_checkpoint_step"] == "49" and run.info.status == "FINISHED"
+        assert replay_unlogged(url, run_id, spool) == 0  # replayed once, then removed
+    finally:
+        stop_process(proc, log)
