@@ -98,14 +98,26 @@ class ModelSpec(StrictModel):
 
 
 def _model_with_absolute_paths(spec: "ModelSpec") -> "ModelSpec":
-    import os
-
-    from llava_platform.storage import absolute
-
     # Hub ids ("openai/clip-vit-large-patch14-336") look like relative paths: only existing paths change.
     fields = ("checkpoint", "vision_tower", "llm", "tokenizer")
-    update = {f: absolute(getattr(spec, f)) for f in fields if getattr(spec, f) and os.path.exists(absolute(getattr(spec, f)))}
+    update = {f: p for f in fields if (p := _existing_path(getattr(spec, f)))}
     return spec.model_copy(update=update)
+
+
+def _existing_path(value: str | None) -> str | None:
+    """``value`` made absolute when it names an existing local path; None for a hub id or a URI."""
+    import os
+
+    from llava_platform.errors import StorageError
+    from llava_platform.storage import absolute
+
+    if not value:
+        return None
+    try:
+        path = absolute(value)
+    except StorageError:  # runs:/..., models:/..., and other schemes: not a local path
+        return None
+    return path if path and os.path.exists(path) else None
 
 
 class DataConfig(StrictModel):
