@@ -203,6 +203,13 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess
 
 
 @pytest.fixture(scope="session")
+def mlflow_process():
+    """For tests that stop and restart a server of their own: ``(start_mlflow_server, stop_process)``
+    (``import conftest`` would find another folder's conftest in a whole-suite run)."""
+    return start_mlflow_server, stop_process
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` process on a free loopback port (SQLite store, local artifacts)."""
     proc, log, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))

@@ -65,7 +65,8 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_clear_error(mlflow_s
     check_reachable(f"sqlite:///{tmp_path}/mlflow.db")  # not a server: nothing to check
 
 
-def test_metrics_survive_a_tracking_server_that_dies_and_are_replayed_when_it_returns(tmp_path, monkeypatch):
+def test_metrics_survive_a_tracking_server_that_dies_and_are_replayed_when_it_returns(tmp_path, monkeypatch,
+                                                                                    mlflow_process):
     """Measured before: an MLflow server that died mid-run failed the run after 642 s, with no export.
     Now rank 0's logger keeps what the server cannot take, costs training little while it is down,
     keeps the rest in a spool file at the end, and the next run of the same name replays it."""
@@ -73,8 +74,9 @@ def test_metrics_survive_a_tracking_server_that_dies_and_are_replayed_when_it_re
 
     from mlflow.tracking import MlflowClient
 
-    from conftest import start_mlflow_server, stop_process
     from llava_platform.train.tracking import replay_unlogged, spool_path
+
+    start_mlflow_server, stop_process = mlflow_process
 
     for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
         monkeypatch.setenv(var, value)  # what RunLogger sets in rank 0's process; undone after this test
