@@ -45,12 +45,19 @@ def is_remote(uri: str) -> bool:
     return scheme(uri) == "s3"
 
 
+def _local_path(uri: str, expand_user: bool = True) -> str:
+    """A local URI without its ``file://`` (else ``~`` expanded, unless ``expand_user`` is false),
+    as given otherwise (maybe relative)."""
+    if str(uri).startswith("file://"):
+        return str(uri)[len("file://") :]
+    return os.path.expanduser(str(uri)) if expand_user else str(uri)
+
+
 def strip_scheme(uri: str) -> str:
     """``bucket/key`` for ``s3://bucket/key``; an absolute local path for local URIs."""
     if is_remote(uri):
         return str(uri)[len("s3://") :].rstrip("/")
-    path = str(uri)[len("file://") :] if str(uri).startswith("file://") else str(uri)
-    return os.path.abspath(os.path.expanduser(path))
+    return os.path.abspath(_local_path(uri))
 
 
 #: Where a job's relative paths (inputs and outputs) lie, when set; else the working directory.
@@ -63,7 +70,7 @@ def absolute(uri: str | None) -> str | None:
     if uri is None or is_remote(uri):
         return uri
     workspace = os.environ.get(WORKSPACE_ENV)
-    path = str(uri)[len("file://"):] if str(uri).startswith("file://") else os.path.expanduser(str(uri))
+    path = _local_path(uri)
     if workspace and not os.path.isabs(path):
         return join(workspace, path) if is_remote(workspace) else os.path.normpath(os.path.join(strip_scheme(workspace), path))
     return strip_scheme(uri)
@@ -83,9 +90,8 @@ def output_location(uri: str, key: str) -> str:
         StorageError: a relative path inside Ray's copy of the working directory, with no
             ``$LLAVA_WORKSPACE``: the output would vanish with the job.
     """
-    path = str(uri)
-    if (not is_remote(path) and not path.startswith("file://") and not os.path.isabs(os.path.expanduser(path))
-            and not os.environ.get(WORKSPACE_ENV) and in_ray_job_copy()):
+    if (not is_remote(uri) and not os.path.isabs(_local_path(uri)) and not os.environ.get(WORKSPACE_ENV)
+            and in_ray_job_copy()):
         raise StorageError(
             f"{key} {uri!r} is relative, and this job runs in Ray's temporary copy of the working directory "
             f"({os.getcwd()}), which is deleted after the job: give an absolute or s3:// path, or set "
@@ -122,8 +128,7 @@ def inside(root: str, name: str) -> str | None:
     if is_remote(name):
         return None
     base = strip_scheme(root)
-    name = str(name)[len("file://"):] if str(name).startswith("file://") else str(name)
-    path = os.path.normpath(os.path.join(base, name))  # an absolute name replaces base: checked below
+    path = os.path.normpath(os.path.join(base, _local_path(name, expand_user=False)))  # a record's ~ is literal  # an absolute name replaces base: checked below
     return path if path.startswith(base.rstrip(os.sep) + os.sep) else None
 
 

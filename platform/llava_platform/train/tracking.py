@@ -116,6 +116,19 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _send(client: Any, run_id: str, metrics: list[Any], tags: dict[str, str]) -> None:
+    """Log metrics (1000 per request, MLflow's limit) and tags; sent metrics leave ``metrics``."""
+    from mlflow.entities import RunTag
+
+    while metrics:
+        batch = metrics[:1000]
+        client.log_batch(run_id, metrics=batch)
+        del metrics[:len(batch)]
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        tags.clear()
+
+
 def spool_path(storage_path: str, run_name: str) -> str:
     """Where rank 0 keeps what it could not log (the tracking server was down) for a re-run to replay."""
     from llava_platform import storage
@@ -160,20 +173,12 @@ class RunLogger:
 
     def _flush(self) -> bool:
         """Send what is pending; False if the server did not take it."""
-        from mlflow.entities import RunTag
-
         if not (self.pending_metrics or self.pending_tags):
             return True
         if not self._reachable():
             return False
         try:
-            while self.pending_metrics:
-                batch = self.pending_metrics[:1000]
-                self.client.log_batch(self.run_id, metrics=batch)
-                del self.pending_metrics[:len(batch)]
-            if self.pending_tags:
-                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.pending_tags.items()])
-                self.pending_tags.clear()
+            _send(self.client, self.run_id, self.pending_metrics, self.pending_tags)
         except Exception as e:  # noqa: BLE001 - any client error: keep the values, go on training
             self._failed("metrics", e)
             return False
@@ -252,7 +257,7 @@ class RunLogger:
 def replay_unlogged(uri: str, run_id: str, spool: str, storage_config: Any = None) -> int:
     """Log what an earlier attempt of this run kept in ``spool`` (see :class:`RunLogger`), then
     remove it; returns the number of metric values replayed (0: nothing kept)."""
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import Metric
 
     from llava_platform import storage
 
@@ -262,12 +267,10 @@ def replay_unlogged(uri: str, run_id: str, spool: str, storage_config: Any = Non
         return 0
     client = _client(uri)
     metrics = [Metric(k, v, ts, step) for k, v, ts, step in body.get("metrics", [])]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    if body.get("tags"):
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in body["tags"].items()])
+    replayed = len(metrics)
+    _send(client, run_id, metrics, dict(body.get("tags") or {}))
     if body.get("status"):
         client.set_terminated(run_id, status=body["status"])
     fs, path = storage.filesystem(spool, storage_config)
     fs.rm_file(path)
-    return len(metrics)
+    return replayed
