@@ -293,7 +293,7 @@ def test_api_key_is_required_when_configured_and_never_logged(serve_app, ray_clu
             assert time.time() < deadline and (status is None or status.status != "DEPLOY_FAILED"), status
             time.sleep(1)
         base = f"{serve_app.url}/secure/v1"
-        body = {"model": "llava", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        body = {"model": "llava", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": secret}):
             r = httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=60)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -334,9 +334,10 @@ def test_killed_replicas_are_replaced_and_requests_keep_succeeding(serve_app, cl
     ray.kill(ray.get_actor(victim_llm, namespace="serve"), no_restart=True)
     ray.kill(ray.get_actor(victim_enc, namespace="serve"), no_restart=True)
 
-    def ask(i):
+    def ask(i):  # greedy: at the default temperature 1.0 the tiny model may sample EOS early
         messages = [user_image_message(png("red", (20 + i, 30)), "colour?")]
-        return client.chat.completions.create(model="llava", messages=messages, max_tokens=4).usage.completion_tokens
+        return client.chat.completions.create(model="llava", messages=messages, max_tokens=4,
+                                              temperature=0).usage.completion_tokens
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(ask, range(16))) == [4] * 16
