@@ -120,7 +120,24 @@ def _existing_path(value: str | None) -> str | None:
     return path if path and os.path.exists(path) else None
 
 
-class DataConfig(StrictModel):
+class ImageDecoding(StrictModel):
+    """How image files become RGB pixels: LLaVA's ``Image.open(f).convert("RGB")`` by default (the
+    stored orientation, transparency dropped, as its box coordinates and training assume)."""
+
+    # Rotate by the EXIF orientation tag (LLaVA does not).
+    image_exif_transpose: bool = False
+    # Composite transparent images over this colour; None: drop the alpha channel as LLaVA does.
+    image_alpha_background: tuple[int, int, int] | None = None
+
+    @model_validator(mode="after")
+    def _check_colour(self) -> "ImageDecoding":
+        bg = self.image_alpha_background
+        if bg is not None and not all(0 <= c <= 255 for c in bg):
+            raise ValueError(f"image_alpha_background must be three values in 0..255, got {list(bg)}")
+        return self
+
+
+class DataConfig(ImageDecoding):
     """A LLaVA-format dataset and how to turn it into training records."""
 
     # LLaVA JSON array or JSONL of {id, image?, conversations}; local path or s3:// URI.
@@ -226,7 +243,7 @@ class TrackingConfig(StrictModel):
     registered_model_name: str | None = None
 
 
-class ServeConfig(StrictModel):
+class ServeConfig(ImageDecoding):
     """The Ray Serve application's arguments (replica counts, autoscaling and per-replica resources
     live in serve_config.yaml, per deployment)."""
 
@@ -290,7 +307,7 @@ class JudgeConfig(StrictModel):
     api_key: SecretStr | None = None
 
 
-class EvalConfig(StrictModel):
+class EvalConfig(ImageDecoding):
     """Batch evaluation on a LLaVA model_vqa question file."""
 
     questions: str

@@ -20,7 +20,7 @@ import torch
 
 from llava_platform.config.schema import VisionTowerSpec
 from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_template, llava_turns_to_messages
-from llava_platform.data.images import expand_to_square, normalize
+from llava_platform.data.images import expand_to_square, normalize, pad_colour
 from llava_platform.data.synthetic import COLOURS, SHAPES
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -76,11 +76,11 @@ class VisionRows:
         from PIL import Image
 
         out: dict[str, list] = {"id": [], "image": [], "caption_ids": [], "cells": []}
-        fill = tuple(int(round(m * 255)) for m in CLIP_MEAN)
+        fill = pad_colour(CLIP_MEAN)
         for name, scene_json, caption in zip(batch["image"], batch["scene"], batch["caption"]):
             scene = json.loads(scene_json)
             with Image.open(os.path.join(self.world, "images", str(name))) as img:
-                square = expand_to_square(img.convert("RGB"), fill)  # type: ignore[arg-type]
+                square = expand_to_square(img.convert("RGB"), fill)
                 pixels = np.asarray(square.resize((self.spec.image_size,) * 2, Image.Resampling.BICUBIC), np.uint8)
             ids = self.tokenizer(str(caption), add_special_tokens=False)["input_ids"][: self.spec.max_caption_tokens - 1]
             out["id"].append(str(name))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -40,9 +41,25 @@ def check_size(w: int, h: int, max_pixels: int, max_aspect_ratio: float = MAX_AS
                           f"over the limit {max_pixels}")
 
 
-def decode(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+@dataclass(frozen=True)
+class Decoding:
+    """How decoded pixels become RGB (see :func:`to_rgb`). The default is LLaVA's
+    ``Image.open(f).convert("RGB")``: no EXIF rotation, alpha dropped."""
+
+    exif_transpose: bool = False
+    alpha_background: tuple[int, int, int] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Decoding":
+        """From a config section with ``image_exif_transpose`` and ``image_alpha_background``."""
+        bg = cfg.image_alpha_background
+        return cls(cfg.image_exif_transpose, tuple(bg) if bg is not None else None)  # type: ignore[arg-type]
+
+
+def decode(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO,
+           decoding: Decoding = Decoding()) -> Image.Image:
     """Decode image bytes into an RGB Pillow image, fully loaded, after :func:`check_size` passed
-    on the header's size (nothing is decoded before).
+    on the header's size (nothing is decoded before); ``decoding`` says how (LLaVA's by default).
 
     Raises:
         RecordError: ``zero_size_image``, ``image_too_large`` (pixel limit; decompression bombs; the
@@ -65,18 +82,24 @@ def decode(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RA
         raise RecordError("undecodable_image", f"not a known image format ({len(data)} bytes)") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for bad/truncated data
         raise RecordError("undecodable_image", f"{type(e).__name__}: {e}") from e
-    return to_rgb(img)
+    return to_rgb(img, decoding.alpha_background, decoding.exif_transpose)
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Normalise any Pillow mode to RGB: EXIF orientation applied, transparency composited over
-    ``background``, CMYK converted, 16/32-bit greyscale scaled to 8 bits."""
-    img = ImageOps.exif_transpose(img)
+def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None,
+           exif_transpose: bool = False) -> Image.Image:
+    """Normalise any Pillow mode to RGB as Pillow's ``convert("RGB")`` does (LLaVA's decoding: the
+    stored orientation, colour kept under transparent pixels), with two options: rotate by the EXIF
+    orientation tag; composite transparency over ``background``. 16/32-bit greyscale is scaled to
+    8 bits (``convert`` would clip it to white; LLaVA's datasets hold none)."""
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() if arr.size else 0
         scale = 255.0 / (65535.0 if img.mode.startswith("I;16") or hi > 255 else max(hi, 1.0))
         img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+    if background is None:
+        return img.convert("RGB") if img.mode != "RGB" else img
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
@@ -97,6 +120,13 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Imag
     return canvas
 
 
+def pad_colour(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The fill for ``pad``: LLaVA's ``expand2square`` colour, ``int(m * 255)`` per channel
+    (truncated, not rounded: (122, 116, 104) for CLIP's mean)."""
+    r, g, b = (int(m * 255) for m in mean)
+    return r, g, b
+
+
 def prepare_image(img: Image.Image, size: int, aspect_ratio: AspectRatio, mean: Sequence[float]) -> np.ndarray:
     """Square, resize to the vision tower's ``size`` (bicubic, as CLIP), return uint8 HWC.
 
@@ -104,7 +134,7 @@ def prepare_image(img: Image.Image, size: int, aspect_ratio: AspectRatio, mean: 
     squashes the whole image.
     """
     if aspect_ratio == "pad":
-        img = expand_to_square(img, tuple(int(round(m * 255)) for m in mean))  # type: ignore[arg-type]
+        img = expand_to_square(img, pad_colour(mean))
     elif aspect_ratio == "crop":
         img = ImageOps.fit(img, (min(img.size),) * 2, method=Image.Resampling.BICUBIC)
     elif aspect_ratio != "resize":

@@ -33,6 +33,7 @@ import pyarrow.dataset as pads
 from llava_platform import storage
 from llava_platform.config.schema import STAGE_TEMPLATES, DataConfig, PreprocessJobConfig, StorageConfig
 from llava_platform.data.conversation import chat_template, lone_surrogate, tokenize_record
+from llava_platform.data.images import Decoding
 from llava_platform.data.sample import SampleSpec, encode_image
 from llava_platform.data.source import TOO_DEEP
 from llava_platform.errors import LlavaPlatformError, RecordError
@@ -218,7 +219,7 @@ def sample_spec_for(cfg: PreprocessJobConfig) -> tuple[Any, SampleSpec]:
     template = cfg.data.template or STAGE_TEMPLATES[cfg.stage]
     spec = SampleSpec.from_processor(processor, model_config, template, cfg.data.max_length,
                                      cfg.data.image_aspect_ratio, cfg.data.max_image_pixels,
-                                     cfg.data.max_image_aspect_ratio)
+                                     cfg.data.max_image_aspect_ratio, Decoding.from_config(cfg.data))
     return processor.tokenizer, spec
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from llava_platform.data.conversation import IGNORE_INDEX, tokenize_record
-from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, decode, normalize, prepare_image
+from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, Decoding, decode, normalize, prepare_image
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,13 @@ class SampleSpec:
     aspect_ratio: AspectRatio = "pad"
     max_image_pixels: int = 89_478_485
     max_image_aspect_ratio: float = MAX_ASPECT_RATIO
+    decoding: Decoding = Decoding()
 
     @classmethod
     def from_processor(cls, processor: Any, model_config: Any, template: str, max_length: int,
                        aspect_ratio: AspectRatio = "pad", max_image_pixels: int = 89_478_485,
-                       max_image_aspect_ratio: float = MAX_ASPECT_RATIO) -> "SampleSpec":
+                       max_image_aspect_ratio: float = MAX_ASPECT_RATIO,
+                       decoding: Decoding = Decoding()) -> "SampleSpec":
         from llava_platform.model.builder import num_image_tokens
 
         ip = processor.image_processor
@@ -48,6 +50,7 @@ class SampleSpec:
             aspect_ratio=aspect_ratio,
             max_image_pixels=max_image_pixels,
             max_image_aspect_ratio=max_image_aspect_ratio,
+            decoding=decoding,
         )
 
 
@@ -79,7 +82,7 @@ def encode_image(image_bytes: bytes, spec: SampleSpec) -> np.ndarray:
         RecordError: the bytes are empty, not an image, truncated, or over a size limit (pixels, the
             padded square, the aspect ratio).
     """
-    img = decode(image_bytes, spec.max_image_pixels, spec.max_image_aspect_ratio)
+    img = decode(image_bytes, spec.max_image_pixels, spec.max_image_aspect_ratio, spec.decoding)
     return prepare_image(img, spec.image_size, spec.aspect_ratio, spec.image_mean)
 
 

@@ -77,6 +77,7 @@ class AnswerModel:
                  tracking_uri: str | None = None, use_gpu: bool = False):
         import torch
 
+        from llava_platform.data.images import Decoding
         from llava_platform.model.builder import build_model
         from llava_platform.serve.engine import Decoder, ImageEncoderCore, ImageSpec, load_for_serving
         from llava_platform.serve.inputs import Limits, PromptBuilder
@@ -88,7 +89,7 @@ class AnswerModel:
         else:  # a preset or a composition: built here (random projector), for smoke runs
             loaded, processor = build_model(model, storage_config)
             loaded = loaded.to("cuda" if use_gpu and torch.cuda.is_available() else "cpu").eval()
-        self.spec = ImageSpec.from_model(loaded.config, processor, cfg.image_aspect_ratio)
+        self.spec = ImageSpec.from_model(loaded.config, processor, cfg.image_aspect_ratio, Decoding.from_config(cfg))
         self.prompts = PromptBuilder(processor, loaded.config, self.spec, Limits(max_new_tokens=cfg.max_new_tokens),
                                      template=cfg.template)
         self.encoder, self.decoder = ImageEncoderCore(loaded, self.spec), Decoder(loaded, processor.tokenizer)

@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_platform.config.schema import ModelSpec, ServeConfig
+from llava_platform.data.images import Decoding
 from llava_platform.serve import inputs, web
 from llava_platform.serve.engine import (DecodeRequest, Decoder, ImageEncoderCore, ImageSpec, StepOutput,
                                          drop_modules, load_for_serving)
@@ -90,7 +91,7 @@ class VisionEncoder:
 
     def __init__(self, args: ServeConfig):
         model, processor = _load(args)
-        spec = ImageSpec.from_model(model.config, processor, args.image_aspect_ratio)
+        spec = ImageSpec.from_model(model.config, processor, args.image_aspect_ratio, Decoding.from_config(args))
         self.core = ImageEncoderCore(drop_modules(model, "vision"), spec)
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.cache_size = args.encoder_cache_size
@@ -338,7 +339,7 @@ class Gateway:
         self.encoder, self.llm = encoder, llm
         self.model_name = args.model_name
         self.limits = inputs.Limits.from_config(args)
-        self.spec = ImageSpec.from_model(config, processor, args.image_aspect_ratio)
+        self.spec = ImageSpec.from_model(config, processor, args.image_aspect_ratio, Decoding.from_config(args))
         self.prompts = inputs.PromptBuilder(processor, config, self.spec, self.limits)
         self.max_body = args.max_body_bytes
         self.replica_wait = args.replica_wait_timeout_s

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, decode, normalize, prepare_image
+from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, Decoding, decode, normalize, prepare_image
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,16 @@ class ImageSpec:
     std: tuple[float, float, float]
     num_tokens: int
     aspect_ratio: AspectRatio = "pad"
+    decoding: Decoding = Decoding()
 
     @classmethod
-    def from_model(cls, config: Any, processor: Any, aspect_ratio: AspectRatio = "pad") -> "ImageSpec":
+    def from_model(cls, config: Any, processor: Any, aspect_ratio: AspectRatio = "pad",
+                   decoding: Decoding = Decoding()) -> "ImageSpec":
         from llava_platform.model.builder import num_image_tokens
 
         ip = processor.image_processor
         return cls(config.vision_config.image_size, tuple(ip.image_mean), tuple(ip.image_std),  # type: ignore[arg-type]
-                   num_image_tokens(config), aspect_ratio)
+                   num_image_tokens(config), aspect_ratio, decoding)
 
     def prepare(self, data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> np.ndarray:
         """Decode and square/resize image bytes to uint8 HWC, as the training pipeline does.
@@ -47,7 +49,8 @@ class ImageSpec:
         Raises:
             RecordError: empty, undecodable, truncated, or over a size limit (see ``check_size``).
         """
-        return prepare_image(decode(data, max_pixels, max_aspect_ratio), self.size, self.aspect_ratio, self.mean)
+        img = decode(data, max_pixels, max_aspect_ratio, self.decoding)
+        return prepare_image(img, self.size, self.aspect_ratio, self.mean)
 
 
 def drop_modules(model: Any, keep: str) -> Any:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from llava_platform.data.images import decode, expand_to_square, normalize, prepare_image, to_rgb
+from llava_platform.data.images import Decoding, decode, expand_to_square, normalize, pad_colour, prepare_image, to_rgb
 from llava_platform.errors import RecordError
 from llava_platform.model.builder import CLIP_MEAN, CLIP_STD, default_image_processor
 
@@ -16,23 +16,41 @@ def png(img: Image.Image, fmt="PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def test_rgba_composited_over_background():
+def test_by_default_transparency_is_dropped_as_llavas_convert_rgb_does():
+    # LLaVA (train.py LazySupervisedDataset, mm_utils.load_image*): Image.open(f).convert('RGB').
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    img.putpixel((0, 0), (0, 0, 255, 255))
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.getpixel((1, 1)) == (255, 0, 0) and out.getpixel((0, 0)) == (0, 0, 255)
+    assert to_rgb(Image.new("LA", (2, 2), (200, 0))).getpixel((0, 0)) == (200, 200, 200)
+    p = Image.new("P", (2, 2), 1)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.info["transparency"] = 1
+    assert to_rgb(p).getpixel((0, 0)) == (255, 0, 0)
+    decoded = decode(png(img), 10**6)
+    assert list(decoded.getdata()) == list(img.convert("RGB").getdata())
+
+
+def test_rgba_composited_over_background_when_asked():
     img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
     img.putpixel((0, 0), (0, 0, 255, 255))
     out = to_rgb(img, background=(10, 20, 30))
     assert out.mode == "RGB" and out.getpixel((1, 1)) == (10, 20, 30) and out.getpixel((0, 0)) == (0, 0, 255)
+    decoded = decode(png(img), 10**6, decoding=Decoding(alpha_background=(10, 20, 30)))
+    assert decoded.getpixel((1, 1)) == (10, 20, 30)
 
 
-def test_la_and_palette_with_transparency():
+def test_la_and_palette_with_transparency_composited_when_asked():
+    white = (255, 255, 255)
     la = Image.new("LA", (2, 2), (200, 0))
-    assert to_rgb(la).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(la, white).getpixel((0, 0)) == white
     p = Image.new("P", (2, 2), 1)
     p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     p.info["transparency"] = 1
-    assert to_rgb(p).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(p, white).getpixel((0, 0)) == white
     p2 = Image.new("P", (2, 2), 1)
     p2.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
-    assert to_rgb(p2).getpixel((0, 0)) == (255, 0, 0)
+    assert to_rgb(p2, white).getpixel((0, 0)) == (255, 0, 0)
 
 
 def test_cmyk_greyscale_and_16_bit():
@@ -44,12 +62,27 @@ def test_cmyk_greyscale_and_16_bit():
     assert half.mode == "RGB" and 127 <= half.getpixel((0, 0))[0] <= 129
 
 
-def test_exif_orientation_is_applied():
+def test_exif_orientation_is_kept_as_stored_unless_asked():
+    # LLaVA does not rotate: mix665k's box coordinates refer to the stored orientation.
     img = Image.new("RGB", (4, 2), (0, 255, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
-    out = decode(png(img, fmt="JPEG", exif=exif.tobytes()), 10**6)
-    assert out.size == (2, 4)
+    data = png(img, fmt="JPEG", exif=exif.tobytes())
+    assert decode(data, 10**6).size == (4, 2)
+    assert decode(data, 10**6, decoding=Decoding(exif_transpose=True)).size == (2, 4)
+
+
+def test_decoding_options_come_from_the_config_and_a_bad_colour_names_the_field():
+    from pydantic import ValidationError
+
+    from llava_platform.config.schema import DataConfig, EvalConfig, ServeConfig
+
+    assert Decoding.from_config(DataConfig(data_path="x")) == Decoding()
+    cfg = ServeConfig(model="m", image_exif_transpose=True, image_alpha_background=[255, 255, 255])
+    assert Decoding.from_config(cfg) == Decoding(True, (255, 255, 255))
+    assert Decoding.from_config(EvalConfig(questions="q", image_root="r", output_dir="o")) == Decoding()
+    with pytest.raises(ValidationError, match="image_alpha_background"):
+        DataConfig(data_path="x", image_alpha_background=[0, 0, 300])
 
 
 def test_pad_to_square_with_mean_colour():
@@ -58,7 +91,8 @@ def test_pad_to_square_with_mean_colour():
     assert sq.size == (8, 8) and sq.getpixel((0, 0)) == (1, 2, 3) and sq.getpixel((0, 3)) == (255, 0, 0)
     arr = prepare_image(img, 16, "pad", CLIP_MEAN)
     assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
-    assert tuple(arr[0, 0]) == tuple(int(round(m * 255)) for m in CLIP_MEAN)
+    # LLaVA's expand2square fill, tuple(int(x * 255) for x in image_mean): truncated, not rounded.
+    assert tuple(arr[0, 0]) == pad_colour(CLIP_MEAN) == (122, 116, 104)
 
 
 def test_crop_and_resize_modes():
