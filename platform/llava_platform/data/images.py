@@ -130,13 +130,19 @@ def pad_colour(mean: Sequence[float]) -> tuple[int, int, int]:
 def prepare_image(img: Image.Image, size: int, aspect_ratio: AspectRatio, mean: Sequence[float]) -> np.ndarray:
     """Square, resize to the vision tower's ``size`` (bicubic, as CLIP), return uint8 HWC.
 
-    ``pad`` fills with the processor's mean colour; ``crop`` takes the centre square; ``resize``
-    squashes the whole image.
+    ``pad`` fills with the processor's mean colour (LLaVA-1.5's stage 2); ``crop`` resizes the short
+    side to ``size`` and takes the centre square, as CLIP's image processor does (LLaVA's default,
+    ``image_aspect_ratio`` unset, as LLaVA-1.5's stage 1 runs); ``resize`` squashes the whole image.
     """
     if aspect_ratio == "pad":
         img = expand_to_square(img, pad_colour(mean))
     elif aspect_ratio == "crop":
-        img = ImageOps.fit(img, (min(img.size),) * 2, method=Image.Resampling.BICUBIC)
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(size * long / short)  # CLIPImageProcessor's shortest_edge rule (truncated)
+        img = img.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
     elif aspect_ratio != "resize":
         raise ValueError(f"unknown image_aspect_ratio {aspect_ratio!r}; choose pad, resize or crop")
     if img.size != (size, size):

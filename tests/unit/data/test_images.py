@@ -95,6 +95,20 @@ def test_pad_to_square_with_mean_colour():
     assert tuple(arr[0, 0]) == pad_colour(CLIP_MEAN) == (122, 116, 104)
 
 
+def test_crop_is_clips_processor_pixel_for_pixel():
+    # LLaVA without --image_aspect_ratio (pretrain.sh, stage 1): processor.preprocess(image), i.e.
+    # CLIP's shortest-edge resize then centre crop; noise images show any interpolation difference.
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                 do_rescale=False, do_normalize=False)
+    rng = np.random.default_rng(0)
+    for w, h in [(57, 40), (40, 57), (100, 33), (31, 50), (64, 64)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = clip(images=img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        assert np.array_equal(prepare_image(img, 32, "crop", CLIP_MEAN), ref), (w, h)
+
+
 def test_crop_and_resize_modes():
     img = Image.new("RGB", (20, 10), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 5, 10))  # red band on the left quarter
