@@ -197,6 +197,9 @@ class TrainConfig(StrictModel):
     offload_optimizer: bool = False
     offload_params: bool = False
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # TF32 for fp32 matmuls and convolutions on Ampere or later GPUs (LLaVA passes --tf32 True);
+    # nothing changes on CPU.
+    tf32: bool = False
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     group_by_modality_length: bool = False

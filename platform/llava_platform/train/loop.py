@@ -51,6 +51,19 @@ def rank0_print(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def set_tf32(enabled: bool) -> bool:
+    """Let CUDA run fp32 matmuls and cuDNN convolutions in TF32 (as HF's ``--tf32 True``), or keep
+    them IEEE fp32. Returns whether TF32 is now on; on a machine without CUDA nothing is changed."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.fp32_precision = mode
+    return enabled
+
+
 def _setup_optimizer(objective, model):
     import torch
 
@@ -104,6 +117,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     total_steps: int = config["total_steps"]
     torch.manual_seed(t.seed)
+    set_tf32(t.tf32)
     if config.get("tracking_uri"):
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
 

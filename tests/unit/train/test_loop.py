@@ -313,3 +313,27 @@ def test_a_failed_run_is_marked_failed_in_mlflow_with_its_reason(prepared, tmp_p
                                 filter_string="tags.`llava_platform.run_name` = 'doomed'")
     assert run.info.status == "FAILED"
     assert "TrainingError" in run.data.tags["llava_platform.failure"]
+
+
+CONFIGS = Path(__file__).resolve().parents[3] / "jobs" / "configs"
+
+
+def test_tf32_is_set_on_cuda_only(monkeypatch):
+    # LLaVA-1.5's scripts pass --tf32 True: HF's Trainer then lets CUDA matmuls and cuDNN use TF32.
+    from llava_platform.train.loop import set_tf32
+
+    for name in ("pretrain_7b", "finetune_7b", "finetune_lora_7b"):  # on in the 7B configs, off by default
+        assert load_config(CONFIGS / f"{name}.yaml", TrainJobConfig).train.tf32 is True
+    assert load_config(CONFIGS / "pretrain_smoke.yaml", TrainJobConfig).train.tf32 is False
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision
+    if not torch.cuda.is_available():
+        assert set_tf32(True) is False
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision) == before
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        assert set_tf32(True) is True
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert set_tf32(False) is False
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision = before
