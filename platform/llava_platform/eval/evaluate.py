@@ -111,6 +111,15 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
+def answer_records(rows: list[dict[str, Any]], questions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Answer rows in the form of LLaVA's ``model_vqa.py`` answers files, which its scripts
+    (``eval_pope.py``, ``summarize_gpt_review.py``) read: ``question_id`` as the question file has it
+    (an int stays an int; rows carry it as a string through Ray Data), ``metadata`` an object."""
+    typed = {str(q["question_id"]): q["question_id"] for q in questions}
+    return [{**{k: r[k] for k in ANSWER_FIELDS}, "question_id": typed[r["question_id"]],
+             "metadata": json.loads(r["metadata"])} for r in rows]
+
+
 def run_evaluation(job: EvalJobConfig) -> EvalResult:
     """Generate, score, review and log one evaluation.
 
@@ -163,12 +172,12 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
             with open(os.path.join(local, name), "wb") as f:
                 f.write(data)
 
-        put("answers.jsonl", _jsonl([{k: r[k] for k in ANSWER_FIELDS} for r in answers]))
+        put("answers.jsonl", _jsonl(answer_records(answers, questions)))
         if blind is not None:
-            put("answers_blind.jsonl", _jsonl([{k: r[k] for k in ANSWER_FIELDS} for r in blind]))
+            put("answers_blind.jsonl", _jsonl(answer_records(blind, questions)))
         if errors:
-            put("errors.jsonl", _jsonl([{"question_id": r["question_id"], "mode": r["mode"], "error": r["error"]}
-                                        for r in errors]))
+            put("errors.jsonl", _jsonl([{"question_id": a["question_id"], "mode": r["mode"], "error": r["error"]}
+                                        for a, r in zip(answer_records(errors, questions), errors)]))
         metrics: dict[str, float] = {"answers": float(len(answers)), "answer_errors": float(len(errors))}
         if scores is not None:
             metrics.update(scores.metrics())

@@ -9,7 +9,7 @@ import pytest
 
 from llava_platform.config.loader import load_config
 from llava_platform.config.schema import EvalJobConfig, ModelSpec
-from llava_platform.eval.evaluate import lineage_run_id, model_id_of, run_evaluation
+from llava_platform.eval.evaluate import answer_records, lineage_run_id, model_id_of, run_evaluation
 from llava_platform.eval.generate import EvalError
 
 
@@ -40,6 +40,7 @@ def test_evaluation_writes_answers_scores_chart_and_a_nested_mlflow_run(ray_clus
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert [a["question_id"] for a in answers] == [json.loads(q)["question_id"] for q in questions]
     assert set(answers[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert answers[0]["metadata"]["finish_reason"] in ("length", "stop")  # an object, as model_vqa.py writes
     assert len((out / "answers_blind.jsonl").read_text().splitlines()) == 50
     assert (out / "accuracy_by_category.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| colour | 10 |" in (out / "per_category.md").read_text()
@@ -59,6 +60,21 @@ def test_answer_key_that_covers_no_question_is_refused(synth_dir, tmp_path):
     job = _job("m", synth_dir, tmp_path / "out", f"sqlite:///{tmp_path / 'db'}", [f"eval.answers_key={key}"])
     with pytest.raises(EvalError, match="covers none"):
         run_evaluation(job)
+
+
+def test_answers_files_keep_the_question_files_id_types_and_metadata_is_an_object():
+    # LLaVA's model_vqa.py writes question_id as read (POPE's and LLaVA-Bench's are ints) and
+    # metadata as an object; eval_pope.py looks answers up in a dict keyed by the typed ids.
+    questions = [{"question_id": 7, "text": "a"}, {"question_id": "x-1", "text": "b"}, {"question_id": 0, "text": "c"}]
+    rows = [{"question_id": str(q["question_id"]), "prompt": q["text"], "text": "yes", "answer_id": "id",
+             "model_id": "m", "metadata": json.dumps({"completion_tokens": 1, "finish_reason": "stop"}),
+             "mode": "image", "error": None} for q in questions]
+    out = answer_records(rows, questions)
+    assert [a["question_id"] for a in out] == [7, "x-1", 0]
+    assert all(a["metadata"] == {"completion_tokens": 1, "finish_reason": "stop"} for a in out)
+    assert set(out[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    by_id = {q["question_id"]: q for q in questions}  # what eval_pope.py builds from the question file
+    assert all(a["question_id"] in by_id for a in json.loads("[" + ",".join(json.dumps(a) for a in out) + "]"))
 
 
 def test_model_ids_and_lineage(tmp_path):
