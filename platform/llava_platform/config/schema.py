@@ -315,6 +315,8 @@ class EvalConfig(ImageDecoding):
 
     questions: str
     image_root: str
+    # JSONL of {question_id, answer} (or LLaVA's `label` for POPE, `text` for its GPT-4 references),
+    # with `category` where the question file has none.
     answers_key: str | None = None
     output_dir: str
     # The prompt format; None: the model's own chat template (llava_v1 for our exports).
@@ -331,6 +333,12 @@ class EvalConfig(ImageDecoding):
     max_image_pixels: int = Field(89_478_485, gt=0)
     # Also answer every question with the image withheld (the "blind" baseline).
     blind_baseline: bool = True
+    # Categories scored as POPE (yes/no), each alone and together; LLaVA's POPE question file has
+    # adversarial, popular and random.
+    yes_no_categories: list[str] = ["yes_no", "adversarial", "popular", "random"]
+    # How answers are read as yes/no: llava (its eval_pope.py, word for word) or tolerant (any case, any
+    # whitespace).
+    yes_no_parsing: Literal["llava", "tolerant"] = "llava"
     judge: JudgeConfig | None = None
 
 

@@ -111,6 +111,34 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
+#: Where an answer-key row holds its answer: ours, LLaVA's POPE annotations, its GPT-4 references.
+ANSWER_KEY_FIELDS = ("answer", "label", "text")
+
+
+def answer_key(rows: list[dict[str, Any]], questions: list[dict[str, Any]], uri: str) -> dict[str, dict[str, Any]]:
+    """The answer key for the asked questions: ``question_id -> {"answer", "category", ...}``, the
+    answer taken from ``answer``, ``label`` (POPE's ``coco_pope_*.json``) or ``text`` (LLaVA-Bench's
+    ``answers_gpt4.jsonl``), the category from the row or else from the question file.
+
+    Raises:
+        EvalError: the key covers no asked question, or a row has no answer.
+    """
+    asked = {str(q["question_id"]): q for q in questions}
+    key: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        qid = str(row["question_id"])
+        if qid not in asked:
+            continue
+        found = next((f for f in ANSWER_KEY_FIELDS if row.get(f) is not None), None)
+        if found is None:
+            raise EvalError(f"the answer key {uri} has no `answer` (nor `label`, `text`) for question {qid}")
+        category = row.get("category", asked[qid].get("category", "all"))
+        key[qid] = {**row, "answer": row[found], "category": str(category)}
+    if not key:
+        raise EvalError(f"the answer key {uri} covers none of the {len(questions)} questions")
+    return key
+
+
 def answer_records(rows: list[dict[str, Any]], questions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Answer rows in the form of LLaVA's ``model_vqa.py`` answers files, which its scripts
     (``eval_pope.py``, ``summarize_gpt_review.py``) read: ``question_id`` as the question file has it
@@ -135,14 +163,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
     questions = read_questions(cfg.questions, st)
     key = None
     if cfg.answers_key:
-        key = {str(r["question_id"]): r for r in read_jsonl(cfg.answers_key, st, "answer key")}
-        asked = {str(q["question_id"]) for q in questions}
-        key = {qid: row for qid, row in key.items() if qid in asked}
-        if not key:
-            raise EvalError(f"the answer key {cfg.answers_key} covers none of the {len(questions)} questions")
-        bad = [qid for qid, row in key.items() if "answer" not in row]
-        if bad:
-            raise EvalError(f"the answer key {cfg.answers_key} has no `answer` for question {bad[0]}")
+        key = answer_key(read_jsonl(cfg.answers_key, st, "answer key"), questions, cfg.answers_key)
     uri = tracking_uri(job.tracking)
     use_tracking_uri(uri)
     init_ray()
@@ -153,7 +174,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
     answers = [r for r in rows if r["mode"] == "image"]
     blind = [r for r in rows if r["mode"] == "blind"] if cfg.blind_baseline else None
     errors = [r for r in rows if r["error"]]
-    scores = score_answers(answers, key, blind) if key else None
+    scores = score_answers(answers, key, blind, cfg.yes_no_categories, cfg.yes_no_parsing) if key else None
     judge = None
     if cfg.judge is not None and key:
         by_id = {str(q["question_id"]): q for q in questions}
@@ -182,6 +203,8 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
         if scores is not None:
             metrics.update(scores.metrics())
             put("per_category.md", (scores.table() + "\n").encode())
+            if scores.pope is not None:
+                put("pope.md", (scores.pope_table() + "\n").encode())
             buf = io.StringIO()
             writer = csv.writer(buf)
             writer.writerow(["category", "questions", "accuracy", "blind_accuracy"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 # The VQA evaluation's normalisation: number words to digits, articles dropped, punctuation removed
 # (a period between digits is kept: 2.5), case folded.
@@ -38,11 +38,24 @@ def first_answer(entry: Mapping[str, Any]) -> str:
     return answer if isinstance(answer, str) else answer[0]
 
 
-def yes_no(text: str) -> str:
-    """POPE's reading of a free-form answer: the first sentence, ``no`` if it contains the word
-    "no" or "not", else ``yes``."""
-    first = text.split(".")[0].replace(",", " ").lower().split()
-    return "no" if ("no" in first or "not" in first) else "yes"
+#: How a free-form answer is read as yes or no: ``llava`` exactly as LLaVA's ``eval_pope.py``;
+#: ``tolerant`` also reads "Not", "NO", and words split by newlines or commas.
+YesNoParsing = Literal["llava", "tolerant"]
+
+
+def yes_no(text: str, parsing: YesNoParsing = "llava") -> str:
+    """POPE's reading of a free-form answer: its first sentence (up to the first ``.``) says ``no``
+    when it holds the word "no" or "not", else ``yes``.
+
+    ``llava`` (LLaVA's ``eval_pope.py``): commas removed, words split on spaces, the words ``No``,
+    ``no`` and ``not`` as written. ``tolerant``: commas become spaces, any whitespace splits, any case.
+    """
+    first = text.split(".")[0]
+    if parsing == "llava":
+        words = first.replace(",", "").split(" ")
+        return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+    words = first.replace(",", " ").lower().split()
+    return "no" if ("no" in words or "not" in words) else "yes"
 
 
 @dataclass
@@ -61,8 +74,8 @@ class PopeScores:
                 "f1": self.f1, "yes_ratio": self.yes_ratio}
 
 
-def pope_scores(predictions: Sequence[str], labels: Sequence[str]) -> PopeScores:
-    """POPE metrics for free-form answers against ``yes``/``no`` labels.
+def pope_scores(predictions: Sequence[str], labels: Sequence[str], parsing: YesNoParsing = "llava") -> PopeScores:
+    """POPE metrics for free-form answers against ``yes``/``no`` labels (read with ``parsing``).
 
     Raises:
         ValueError: lengths differ or a label is not yes/no.
@@ -72,7 +85,7 @@ def pope_scores(predictions: Sequence[str], labels: Sequence[str]) -> PopeScores
     gold = [normalize_answer(label) for label in labels]
     if any(g not in ("yes", "no") for g in gold):
         raise ValueError("POPE labels must be 'yes' or 'no'")
-    pred = [yes_no(p) for p in predictions]
+    pred = [yes_no(p, parsing) for p in predictions]
     tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
     fp = sum(p == "yes" and g == "no" for p, g in zip(pred, gold))
     tn = sum(p == "no" and g == "no" for p, g in zip(pred, gold))
@@ -108,6 +121,9 @@ class Scores:
     pope: PopeScores | None = None
     blind_pope: PopeScores | None = None
     unanswered: list[str] = field(default_factory=list)
+    # POPE per yes/no category (LLaVA reports adversarial, popular and random apart).
+    pope_splits: dict[str, PopeScores] = field(default_factory=dict)
+    blind_pope_splits: dict[str, PopeScores] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -125,7 +141,7 @@ class Scores:
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names for MLflow: ``accuracy``, ``accuracy.<category>``, ``blind_accuracy...``,
-        ``pope.<metric>``."""
+        ``pope.<metric>`` (over every yes/no category) and ``pope.<category>.<metric>``."""
         out: dict[str, float] = {"accuracy": self.accuracy, "questions": float(self.n)}
         for r in self.rows:
             out[f"accuracy.{r.category}"] = r.accuracy
@@ -133,10 +149,25 @@ class Scores:
                 out[f"blind_accuracy.{r.category}"] = r.blind_accuracy
         if self.blind_accuracy is not None:
             out["blind_accuracy"] = self.blind_accuracy
-        for prefix, pope in (("pope", self.pope), ("blind_pope", self.blind_pope)):
+        for prefix, pope, splits in (("pope", self.pope, self.pope_splits),
+                                     ("blind_pope", self.blind_pope, self.blind_pope_splits)):
             if pope is not None:
                 out.update({f"{prefix}.{k}": float(v) for k, v in pope.as_dict().items() if k != "n"})
+            for cat, scores in splits.items():
+                out.update({f"{prefix}.{cat}.{k}": float(v) for k, v in scores.as_dict().items() if k != "n"})
         return out
+
+    def pope_table(self) -> str:
+        """POPE per yes/no category as LLaVA's ``eval_pope.py`` prints it (F1, accuracy, precision,
+        recall, yes ratio), in Markdown; empty when there is no yes/no category."""
+        if self.pope is None:
+            return ""
+        lines = ["| category | questions | F1 | accuracy | precision | recall | yes ratio |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for cat, p in list(self.pope_splits.items()) + [("all", self.pope)]:
+            lines.append(f"| {cat} | {p.n} | {p.f1:.3f} | {p.accuracy:.3f} | {p.precision:.3f} | {p.recall:.3f} "
+                         f"| {p.yes_ratio:.3f} |")
+        return "\n".join(lines)
 
     def table(self) -> str:
         """The per-category table in Markdown."""
@@ -150,16 +181,18 @@ class Scores:
 
 
 def score_answers(answers: Iterable[Mapping[str, Any]], key: Mapping[str, Mapping[str, Any]],
-                  blind: Iterable[Mapping[str, Any]] | None = None, yes_no_category: str = "yes_no") -> Scores:
+                  blind: Iterable[Mapping[str, Any]] | None = None,
+                  yes_no_categories: Sequence[str] = ("yes_no",), parsing: YesNoParsing = "llava") -> Scores:
     """Score LLaVA-format answers (``question_id``, ``text``) against an answer key
     (``question_id -> {"answer": str | list, "category": str}``), per category, with the blind
     baseline's answers beside them when given. Questions in the key without an answer count as wrong
-    and are listed in ``unanswered``.
+    and are listed in ``unanswered``. Categories in ``yes_no_categories`` are also scored as POPE,
+    each alone and all together.
     """
     predicted = {str(a["question_id"]): a["text"] for a in answers}
     blind_pred = None if blind is None else {str(a["question_id"]): a["text"] for a in blind}
     rows: dict[str, CategoryRow] = {}
-    yn_pred, yn_blind, yn_gold = [], [], []
+    yn: dict[str, tuple[list[str], list[str], list[str]]] = {}  # category -> (predicted, blind, gold)
     unanswered = []
     for qid, entry in key.items():
         cat = str(entry.get("category", "all"))
@@ -170,11 +203,19 @@ def score_answers(answers: Iterable[Mapping[str, Any]], key: Mapping[str, Mappin
         row.correct += exact_match(predicted.get(qid, ""), entry["answer"])
         if blind_pred is not None:
             row.blind_correct = (row.blind_correct or 0) + exact_match(blind_pred.get(qid, ""), entry["answer"])
-        if cat == yes_no_category:
-            yn_gold.append(first_answer(entry))
-            yn_pred.append(predicted.get(qid, ""))
+        if cat in yes_no_categories:
+            pred, blind_yn, gold = yn.setdefault(cat, ([], [], []))
+            gold.append(first_answer(entry))
+            pred.append(predicted.get(qid, ""))
             if blind_pred is not None:
-                yn_blind.append(blind_pred.get(qid, ""))
-    pope = pope_scores(yn_pred, yn_gold) if yn_gold else None
-    blind_pope = pope_scores(yn_blind, yn_gold) if yn_gold and blind_pred is not None else None
-    return Scores(sorted(rows.values(), key=lambda r: r.category), pope, blind_pope, unanswered)
+                blind_yn.append(blind_pred.get(qid, ""))
+    scores = Scores(sorted(rows.values(), key=lambda r: r.category), unanswered=unanswered)
+    if yn:
+        cats = sorted(yn)
+        scores.pope_splits = {c: pope_scores(yn[c][0], yn[c][2], parsing) for c in cats}
+        scores.pope = pope_scores([p for c in cats for p in yn[c][0]], [g for c in cats for g in yn[c][2]], parsing)
+        if blind_pred is not None:
+            scores.blind_pope_splits = {c: pope_scores(yn[c][1], yn[c][2], parsing) for c in cats}
+            scores.blind_pope = pope_scores([p for c in cats for p in yn[c][1]], [g for c in cats for g in yn[c][2]],
+                                            parsing)
+    return scores

@@ -9,7 +9,7 @@ import pytest
 
 from llava_platform.config.loader import load_config
 from llava_platform.config.schema import EvalJobConfig, ModelSpec
-from llava_platform.eval.evaluate import answer_records, lineage_run_id, model_id_of, run_evaluation
+from llava_platform.eval.evaluate import answer_key, answer_records, lineage_run_id, model_id_of, run_evaluation
 from llava_platform.eval.generate import EvalError
 
 
@@ -75,6 +75,19 @@ def test_answers_files_keep_the_question_files_id_types_and_metadata_is_an_objec
     assert set(out[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     by_id = {q["question_id"]: q for q in questions}  # what eval_pope.py builds from the question file
     assert all(a["question_id"] in by_id for a in json.loads("[" + ",".join(json.dumps(a) for a in out) + "]"))
+
+
+def test_the_answer_key_reads_llavas_pope_labels_and_gpt4_references():
+    questions = [{"question_id": 1, "text": "Is there a dog?", "category": "adversarial"},
+                 {"question_id": 2, "text": "Describe it.", "category": "conv"}, {"question_id": 3, "text": "x"}]
+    rows = [{"question_id": 1, "label": "no"},  # coco_pope_adversarial.json: the split is in the question file
+            {"question_id": 2, "text": "A dog on a sofa.", "answer_id": "a"},  # answers_gpt4.jsonl
+            {"question_id": 3, "answer": "red", "category": "colour"}, {"question_id": 99, "answer": "not asked"}]
+    key = answer_key(rows, questions, "key.jsonl")
+    assert {q: (e["answer"], e["category"]) for q, e in key.items()} == {
+        "1": ("no", "adversarial"), "2": ("A dog on a sofa.", "conv"), "3": ("red", "colour")}
+    with pytest.raises(EvalError, match=r"no `answer` \(nor `label`, `text`\) for question 2"):
+        answer_key([{"question_id": 2, "answer_id": "a"}], questions, "key.jsonl")
 
 
 def test_model_ids_and_lineage(tmp_path):

@@ -31,6 +31,35 @@ def test_pope_reading_and_metrics():
         pope_scores(["yes"], ["maybe"])
 
 
+@pytest.mark.parametrize("text, llava, tolerant", [
+    # LLaVA's eval_pope.py: first sentence, commas removed, split on " ", the words No / no / not.
+    ("No, there is not.", "no", "no"), ("Yes. No doubt.", "yes", "yes"), ("I see it", "yes", "yes"),
+    ("Not at all", "yes", "no"), ("NO", "yes", "no"), ("Yes,no", "yes", "no"), ("Yes\nno", "yes", "no"),
+    ("There is no dog", "no", "no"), ("nothing is there", "yes", "yes"), ("no.", "no", "no"),
+])
+def test_yes_no_reading_is_llavas_by_default_and_tolerant_on_request(text, llava, tolerant):
+    assert yes_no(text) == llava and yes_no(text, "tolerant") == tolerant
+
+
+def test_pope_is_scored_per_split_as_llava_reports_it():
+    # eval_pope.py is run once per coco_pope_<split>.json: each split has its own F1/acc/precision/recall/yes ratio.
+    key, answers = {}, []
+    for split, rows in {"adversarial": [("yes", "Yes"), ("no", "Yes")], "popular": [("yes", "No"), ("no", "No")],
+                        "random": [("yes", "Yes"), ("no", "No, not")]}.items():
+        for k, (gold, said) in enumerate(rows):
+            qid = f"{split}-{k}"
+            key[qid] = {"answer": gold, "category": split}
+            answers.append({"question_id": qid, "text": said})
+    s = score_answers(answers, key, yes_no_categories=("adversarial", "popular", "random"))
+    assert {c: (p.accuracy, p.yes_ratio) for c, p in s.pope_splits.items()} == {
+        "adversarial": (0.5, 1.0), "popular": (0.5, 0.0), "random": (1.0, 0.5)}
+    assert s.pope.n == 6 and s.pope.accuracy == 4 / 6
+    m = s.metrics()
+    assert m["pope.random.f1"] == 1.0 and m["pope.popular.recall"] == 0.0 and m["pope.accuracy"] == 4 / 6
+    table = s.pope_table()
+    assert "| adversarial | 2 | 0.667 | 0.500 | 0.500 | 1.000 | 1.000 |" in table and "| all | 6 |" in table
+
+
 def test_score_answers_per_category_with_blind_and_missing():
     key = {"1": {"answer": "red", "category": "colour"}, "2": {"answer": "blue", "category": "colour"},
            "3": {"answer": "yes", "category": "yes_no"}, "4": {"answer": "no", "category": "yes_no"},
