@@ -38,7 +38,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--image-root", help="folder the records' image paths are relative to (data.image_root)")
     prep.add_argument("--model", help="model directory or s3:// URI whose tokenizer/image size to use (model.checkpoint)")
     prep.add_argument("--preset", help="or a preset model: tiny or small (model.preset)")
-    prep.add_argument("--stage", help="pretrain (template plain) or finetune (template llava_v1)")
+    prep.add_argument("--stage", help="pretrain (template plain) or finetune (template vicuna_v1)")
     prep.add_argument("--out", help="output directory, local or s3:// (output_path)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output (overwrite)")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")

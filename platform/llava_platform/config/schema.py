@@ -16,11 +16,11 @@ LlavaStage = Literal["pretrain", "finetune"]
 #: Stage 0 of the embedded default: the pretrained parts LLaVA composes, made on the synthetic world.
 ComponentStage = Literal["vision_tower", "language_model"]
 Stage = Literal["pretrain", "finetune", "vision_tower", "language_model"]
-TemplateName = Literal["plain", "llava_v1"]
+TemplateName = Literal["plain", "vicuna_v1", "llava_v1"]
 
-#: The conversation template each LLaVA stage trains with (LLaVA-1.5: ``plain`` for feature
-#: alignment, ``llava_v1`` (vicuna v1) for visual instruction tuning).
-STAGE_TEMPLATES: dict[str, str] = {"pretrain": "plain", "finetune": "llava_v1"}
+#: The conversation template each LLaVA stage trains with by default (LLaVA-1.5: ``plain`` for
+#: feature alignment, ``vicuna_v1`` (``--version v1``) for visual instruction tuning).
+STAGE_TEMPLATES: dict[str, str] = {"pretrain": "plain", "finetune": "vicuna_v1"}
 
 #: Images longer one way than the other by more than this are refused by default, before decoding
 #: (preprocessing and serving alike).
@@ -144,7 +144,7 @@ class DataConfig(ImageDecoding):
     data_path: str
     # Folder the records' `image` fields are relative to.
     image_root: str | None = None
-    # None: the stage's template (plain for pretrain, llava_v1 for finetune).
+    # None: the stage's template (plain for pretrain, vicuna_v1 for finetune; llava_v1 for data made for it).
     template: TemplateName | None = None
     # LLaVA-1.5 trains with 2048 tokens; image tokens count towards it.
     max_length: int = Field(2048, gt=0)
@@ -319,7 +319,7 @@ class EvalConfig(ImageDecoding):
     # with `category` where the question file has none.
     answers_key: str | None = None
     output_dir: str
-    # The prompt format; None: the model's own chat template (llava_v1 for our exports).
+    # The prompt format; None: the model's own chat template (the one it was trained with).
     template: TemplateName | None = None
     max_new_tokens: int = Field(16, gt=0)
     # Questions per generate call in each actor (they decode together, greedy).

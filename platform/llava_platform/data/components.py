@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from llava_platform.config.schema import VisionTowerSpec
+from llava_platform.config.schema import STAGE_TEMPLATES, VisionTowerSpec
 from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_template, llava_turns_to_messages
 from llava_platform.data.images import expand_to_square, normalize, pad_colour
 from llava_platform.data.synthetic import COLOURS, SHAPES
@@ -141,10 +141,10 @@ def scene_text(scene: dict) -> str:
 def language_documents(world: str) -> list[dict[str, Any]]:
     """The world's text as LLaVA records with each image replaced by :func:`scene_text`:
     ``{"id", "template", "messages"}``; stage 1's captions in ``plain``, stage 2's conversations (and
-    the text-only records) in ``llava_v1``."""
+    the text-only records) in stage 2's template (``vicuna_v1``), as LLaVA-1.5 trains them."""
     scenes, pretrain, instruct = read_world(world)
     docs = []
-    for template, records in (("plain", pretrain), ("llava_v1", instruct)):
+    for template, records in ((STAGE_TEMPLATES["pretrain"], pretrain), (STAGE_TEMPLATES["finetune"], instruct)):
         for r in records:
             image = r.get("image")
             messages = llava_turns_to_messages(r["conversations"], bool(image))

@@ -19,7 +19,15 @@ from llava_platform.errors import RecordError, TemplateError
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
-TEMPLATE_NAMES = ("plain", "llava_v1")
+TEMPLATE_NAMES = ("plain", "vicuna_v1", "llava_v1")
+#: The default system messages of LLaVA's conv_vicuna_v1 (LLaVA-1.5 trains and evaluates with it:
+#: ``--version v1``, ``--conv-mode vicuna_v1``) and conv_llava_v1; both render with ``templates/v1.jinja``.
+V1_SYSTEM_MESSAGES = {
+    "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+}
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -32,7 +40,11 @@ def chat_template(name: str) -> str:
     """
     if name not in TEMPLATE_NAMES:
         raise TemplateError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
-    return resources.files("llava_platform.data").joinpath("templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+    folder = resources.files("llava_platform.data").joinpath("templates")
+    if name in V1_SYSTEM_MESSAGES:
+        source = folder.joinpath("v1.jinja").read_text(encoding="utf-8")
+        return source.replace("__DEFAULT_SYSTEM__", V1_SYSTEM_MESSAGES[name]).replace("__NAME__", name)
+    return folder.joinpath(f"{name}.jinja").read_text(encoding="utf-8")
 
 
 def llava_turns_to_messages(conversations: Any, has_image: bool) -> list[dict[str, str]]:

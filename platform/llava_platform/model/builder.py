@@ -39,7 +39,7 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_platform import storage
-from llava_platform.config.schema import LanguageModelSpec, ModelSpec, StorageConfig
+from llava_platform.config.schema import STAGE_TEMPLATES, LanguageModelSpec, ModelSpec, StorageConfig
 from llava_platform.data import synthetic
 from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_template
 from llava_platform.errors import ModelBuildError
@@ -349,7 +349,7 @@ def assemble(
         patch_size=vcfg.patch_size,
         vision_feature_select_strategy=spec.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=chat_template("llava_v1"),
+        chat_template=chat_template(STAGE_TEMPLATES["finetune"]),  # training exports record their own
     )
     return model, processor
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from llava_platform.config.schema import STAGE_TEMPLATES
 from llava_platform.data.conversation import chat_template
 from llava_platform.data.images import MAX_ASPECT_RATIO
 from llava_platform.errors import RecordError
@@ -172,11 +173,11 @@ class PromptBuilder:
     """Renders and tokenizes conversations for one model and checks them against its context."""
 
     def __init__(self, processor: Any, model_config: Any, spec: ImageSpec, limits: Limits, template: str | None = None):
-        """``template``: a named conversation template (``llava_v1``, ``plain``) instead of the
-        model's own chat template (which, when the model has none, defaults to ``llava_v1``)."""
+        """``template``: a named conversation template (``vicuna_v1``, ``llava_v1``, ``plain``) instead
+        of the model's own chat template (the one it was trained with; ``vicuna_v1`` when it has none)."""
         self.tokenizer = processor.tokenizer
         own = getattr(processor, "chat_template", None)
-        self.template = chat_template(template) if template else (own or chat_template("llava_v1"))
+        self.template = chat_template(template) if template else (own or chat_template(STAGE_TEMPLATES["finetune"]))
         self.image_token_id = model_config.image_token_id
         self.context_length = int(model_config.text_config.max_position_embeddings)
         self.spec = spec

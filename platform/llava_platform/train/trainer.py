@@ -56,10 +56,14 @@ def check_data_matches_model(job: TrainJobConfig, manifest: dict[str, Any], toke
     from llava_platform.data.pipeline import tokenizer_fingerprint
     from llava_platform.model.builder import num_image_tokens
 
-    expected = STAGE_TEMPLATES[job.train.stage]
-    if manifest["template"] != expected:
-        raise TrainingError(f"{job.prepared_data} was prepared with template {manifest['template']!r}, but stage"
-                            f" {job.train.stage} trains with {expected!r}; prepare it with stage {job.train.stage}")
+    # Stage 1 trains on plain captions; stage 2 on conversations, in whichever template the data was
+    # prepared with (vicuna_v1 by default, llava_v1 for data made for it), which the export records.
+    template, stage = manifest["template"], job.train.stage
+    if (template == STAGE_TEMPLATES["pretrain"]) != (stage == "pretrain"):
+        wanted = (f"{STAGE_TEMPLATES['pretrain']!r}" if stage == "pretrain"
+                  else f"a conversation template ({STAGE_TEMPLATES['finetune']!r} by default)")
+        raise TrainingError(f"{job.prepared_data} was prepared with template {template!r}, but stage {stage}"
+                            f" trains with {wanted}; prepare it with stage {stage}")
     if manifest["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
         raise TrainingError(f"{job.prepared_data} was tokenized with a different tokenizer than the model's;"
                             " prepare the data with this model (data prepare --model ...)")
@@ -171,7 +175,8 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     run_id = start_run(job.tracking, uri, job, job.storage_path, tags, job.storage)
     try:
         ckpt = fit("llava", job, dataset, total_steps, job.storage_path, job.storage, {
-            "image_size": manifest["sample_spec"]["image_size"], "tracking_uri": uri, "mlflow_run_id": run_id,
+            "image_size": manifest["sample_spec"]["image_size"], "template": manifest["template"],
+            "tracking_uri": uri, "mlflow_run_id": run_id,
             "parent_run_id": parent, "output_path": job.output_path,
             "registered_model_name": job.tracking.registered_model_name}, deepspeed_overrides, trace_dir)
     except BaseException as e:  # failed, or interrupted: the MLflow run says so (a re-run resumes it)

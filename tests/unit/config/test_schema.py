@@ -11,7 +11,7 @@ from llava_platform.config.schema import (
 
 
 def test_stage_templates_follow_llava():
-    assert STAGE_TEMPLATES == {"pretrain": "plain", "finetune": "llava_v1"}
+    assert STAGE_TEMPLATES == {"pretrain": "plain", "finetune": "vicuna_v1"}  # LLaVA-1.5: --version plain / v1
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def test_language_documents_replace_the_image_by_its_description(synth_dir, tiny
     _, pretrain, instruct = read_world(str(synth_dir))
     assert len(docs) == len(pretrain) + len(instruct)
     assert not any("<image>" in m["content"] for d in docs for m in d["messages"])
-    assert {d["template"] for d in docs} == {"plain", "llava_v1"}
+    assert {d["template"] for d in docs} == {"plain", "vicuna_v1"}
     row = encode_document(docs[0], tiny_tokenizer, max_length=512)
     assert row["input_ids"] == row["labels"] and row["input_ids"][0] == tiny_tokenizer.bos_token_id
     assert "In the picture:" in tiny_tokenizer.decode(row["input_ids"])

@@ -169,7 +169,7 @@ def test_invalid_conversations_have_a_reason(conversations, has_image, reason):
 
 
 def test_unknown_template():
-    with pytest.raises(TemplateError, match="unknown conversation template 'vicuna_v0'.*plain, llava_v1"):
+    with pytest.raises(TemplateError, match="unknown conversation template 'vicuna_v0'.*plain, vicuna_v1, llava_v1"):
         chat_template("vicuna_v0")
 
 
@@ -187,6 +187,23 @@ def test_template_rejects_unknown_role_in_messages(tiny_tokenizer):
     with pytest.raises(TemplateError, match="unknown role tool"):
         tokenize_messages([{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}],
                           tiny_tokenizer, "llava_v1", N_IMG, 64)
+
+
+def test_vicuna_v1_is_llava_15s_template_and_differs_from_llava_v1_only_in_the_system_message(tiny_tokenizer):
+    # LLaVA's conversation.py: conv_vicuna_v1 (conv_templates["v1"], what LLaVA-1.5's --version v1
+    # and --conv-mode vicuna_v1 use) says "curious user ... the user's questions"; conv_llava_v1 says
+    # "human". Both: SeparatorStyle.TWO, roles USER/ASSISTANT, sep " ", sep2 "</s>".
+    vicuna = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful,"
+              " detailed, and polite answers to the user's questions.")
+    messages = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": "Colour?"}]
+    for name, system in (("vicuna_v1", vicuna), ("llava_v1", SYSTEM)):
+        text = tiny_tokenizer.apply_chat_template(messages, chat_template=chat_template(name), tokenize=False,
+                                                  add_generation_prompt=True)
+        assert text == f"<s>{system} USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Colour? ASSISTANT:"
+    with pytest.raises(TemplateError, match="unknown role tool: vicuna_v1 takes"):
+        tokenize_messages([{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}],
+                          tiny_tokenizer, "vicuna_v1", N_IMG, 64)
 
 
 def test_content_parts_render_like_placeholders(tiny_tokenizer):

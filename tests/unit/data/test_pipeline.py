@@ -172,7 +172,7 @@ def test_every_record_accounted_for_with_its_reason(array_run, bad_world):
     manifest = read_manifest(cfg.output_path)
     assert manifest["records_in"] == len(recs) and manifest["rejected"] == len(rejects)
     assert sum(manifest["rejects_by_reason"].values()) == len(rejects)
-    assert manifest["template"] == "llava_v1" and len(manifest["tokenizer_sha256"]) == 64
+    assert manifest["template"] == "vicuna_v1" and len(manifest["tokenizer_sha256"]) == 64
     assert manifest["image_layout"]["shape"] == [32, 32, 3]
     assert manifest["config"]["data"]["data_path"] == cfg.data.data_path
 

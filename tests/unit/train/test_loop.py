@@ -128,6 +128,13 @@ def test_stage2_zero3_keeps_the_vision_tower(stage1, stage2):
             assert torch.equal(before[k], after[k]), k
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.language_model."))
     assert any(not torch.equal(before[k], after[k]) for k in before if "multi_modal_projector" in k)
+    # The export prompts as it trained: the data's template (LLaVA-1.5's vicuna_v1) is its chat template.
+    from transformers import AutoProcessor
+
+    from llava_platform.data.conversation import chat_template
+
+    assert AutoProcessor.from_pretrained(j2.output_path).chat_template == chat_template("vicuna_v1")
+    assert json.loads((Path(j2.output_path) / "training_info.json").read_text())["template"] == "vicuna_v1"
 
 
 def test_mlflow_lineage_and_registry(stage1, stage2):

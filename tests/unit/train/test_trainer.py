@@ -29,8 +29,13 @@ def test_data_must_match_model():
     good = {"template": "plain", "tokenizer_sha256": tokenizer_fingerprint(processor.tokenizer),
             "sample_spec": {"image_size": 32, "num_image_tokens": 16}}
     check_data_matches_model(job(), good, processor.tokenizer, model.config)
-    with pytest.raises(TrainingError, match="template 'plain'.*trains with 'llava_v1'"):
+    with pytest.raises(TrainingError, match="template 'plain'.*trains with a conversation template \\('vicuna_v1'"):
         check_data_matches_model(job(**{"train.stage": "finetune"}), good, processor.tokenizer, model.config)
+    for template in ("vicuna_v1", "llava_v1"):  # stage 2 takes data prepared in either
+        check_data_matches_model(job(**{"train.stage": "finetune"}), {**good, "template": template},
+                                 processor.tokenizer, model.config)
+    with pytest.raises(TrainingError, match="template 'vicuna_v1', but stage pretrain trains with 'plain'"):
+        check_data_matches_model(job(), {**good, "template": "vicuna_v1"}, processor.tokenizer, model.config)
     with pytest.raises(TrainingError, match="different tokenizer"):
         check_data_matches_model(job(), {**good, "tokenizer_sha256": "0" * 64}, processor.tokenizer, model.config)
     with pytest.raises(TrainingError, match="holds 64 px images"):
