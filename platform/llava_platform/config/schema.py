@@ -158,6 +158,10 @@ class DataConfig(ImageDecoding):
     # Image files are read only up to this size (larger: image_file_too_large); devices, FIFOs and
     # other non-regular files are never read (image_not_a_file).
     max_image_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    # llava: keep what LLaVA's training code accepts, normalised as it does (a leading gpt turn dropped,
+    # <image> added to an image record without one, repeated <image> in a turn made one), each counted
+    # by kind in the manifest; strict: reject those records.
+    record_policy: Literal["llava", "strict"] = "llava"
     on_bad_record: Literal["skip", "fail"] = "skip"
 
 

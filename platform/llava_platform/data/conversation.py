@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from llava_platform.errors import RecordError, TemplateError
 
@@ -47,15 +47,30 @@ def chat_template(name: str) -> str:
     return folder.joinpath(f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def llava_turns_to_messages(conversations: Any, has_image: bool) -> list[dict[str, str]]:
+#: ``llava``: normalise what LLaVA's training code accepts (see :func:`llava_turns_to_messages`);
+#: ``strict``: reject those records instead.
+RecordPolicy = Literal["llava", "strict"]
+#: The normalisations of ``record_policy: llava``, by the name the manifest counts them under.
+NORMALISATIONS = ("dropped_leading_gpt_turn", "image_placeholder_added", "image_placeholders_collapsed")
+
+
+def llava_turns_to_messages(conversations: Any, has_image: bool, policy: RecordPolicy = "strict",
+                            normalised: list[str] | None = None) -> list[dict[str, str]]:
     """Validate LLaVA turns (``{"from": "human"|"gpt", "value": str}``) and convert them to chat messages.
 
     The ``<image>`` placeholder may stand at the start or the end of its human turn (both occur in
     LLaVA's data); like LLaVA's ``preprocess_multimodal`` it is moved to the start, followed by a newline.
 
+    With ``policy="llava"``, three records LLaVA trains on are kept, and each fix is appended to
+    ``normalised`` (see :data:`NORMALISATIONS`): a leading gpt turn is dropped (``preprocess_v1``
+    skips it); several ``<image>`` in one human turn become one (``preprocess_multimodal`` removes
+    them all and puts one in front); an image record without ``<image>`` gets it in front of its
+    first human turn. ``strict`` rejects all three.
+
     Raises:
         RecordError: with a stable ``reason`` code when the conversation is unusable.
     """
+    fixes: list[str] = normalised if normalised is not None else []
     if not isinstance(conversations, list) or not conversations:
         raise RecordError("empty_conversation", "`conversations` must be a non-empty list")
     messages: list[dict[str, str]] = []
@@ -68,7 +83,11 @@ def llava_turns_to_messages(conversations: Any, has_image: bool) -> list[dict[st
         if not isinstance(turn["value"], str):
             raise RecordError("non_string_text", f"turn {i} value is {type(turn['value']).__name__}, not a string")
         messages.append({"role": role, "content": turn["value"]})
-    body = messages[1:] if messages[0]["role"] == "system" else messages
+    start = 1 if messages[0]["role"] == "system" else 0
+    if policy == "llava" and len(messages) > start and messages[start]["role"] == "assistant":
+        del messages[start]
+        fixes.append("dropped_leading_gpt_turn")
+    body = messages[start:]
     if not body or body[0]["role"] != "user":
         raise RecordError("first_turn_not_human", "the first turn (after an optional system turn) must be from human")
     for prev, cur in zip(body, body[1:]):
@@ -77,6 +96,14 @@ def llava_turns_to_messages(conversations: Any, has_image: bool) -> list[dict[st
     if not any(m["role"] == "assistant" for m in body):
         raise RecordError("no_assistant_turn", "the conversation has no gpt turn to learn from")
 
+    if policy == "llava" and has_image:
+        for m in messages:
+            if m["role"] == "user" and m["content"].count(IMAGE_PLACEHOLDER) > 1:
+                m["content"] = IMAGE_PLACEHOLDER + "\n" + m["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+                fixes.append("image_placeholders_collapsed")
+        if not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+            body[0]["content"] = IMAGE_PLACEHOLDER + "\n" + body[0]["content"]
+            fixes.append("image_placeholder_added")
     count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if has_image and count == 0:
         raise RecordError("image_without_placeholder", "the record has an image but no <image> in its turns")
@@ -156,15 +183,17 @@ def tokenize_messages(
 
 
 def tokenize_record(
-    record: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, max_length: int
+    record: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, max_length: int,
+    policy: RecordPolicy = "strict", normalised: list[str] | None = None,
 ) -> TokenizedSample:
-    """Tokenize one LLaVA record (``{id, image?, conversations}``).
+    """Tokenize one LLaVA record (``{id, image?, conversations}``); ``policy`` and ``normalised`` as
+    in :func:`llava_turns_to_messages`.
 
     Raises:
         RecordError: the record is invalid or too long (see :func:`llava_turns_to_messages`).
     """
     has_image = bool(record.get("image"))
-    messages = llava_turns_to_messages(record.get("conversations"), has_image)
+    messages = llava_turns_to_messages(record.get("conversations"), has_image, policy, normalised)
     return tokenize_messages(messages, tokenizer, template, num_image_tokens, max_length)
 
 

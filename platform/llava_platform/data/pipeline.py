@@ -52,6 +52,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("length", pa.int32()),
         ("has_image", pa.bool_()),
         ("image", pa.binary()),
+        # What record_policy: llava changed in a written record (conversation.NORMALISATIONS).
+        ("normalised", pa.list_(pa.string())),
     ]
 )
 TRAIN_COLUMNS = ["id", "input_ids", "labels", "length", "has_image", "image"]
@@ -99,12 +101,13 @@ class RecordProcessor:
         pending: list[tuple[dict[str, Any], Any, str]] = []  # (out row, tokens, image uri)
         for src in rows:
             row = {"row": src["row"], "id": src["id"], "status": "ok", "reason": None, "detail": None,
-                   "input_ids": None, "labels": None, "length": None, "has_image": False, "image": None}
+                   "input_ids": None, "labels": None, "length": None, "has_image": False, "image": None,
+                   "normalised": []}
             out.append(row)
             try:
                 record = self._parse(src)
-                tokens = tokenize_record(record, self.tokenizer, self.spec.template,
-                                         self.spec.num_image_tokens, self.spec.max_length)
+                tokens = tokenize_record(record, self.tokenizer, self.spec.template, self.spec.num_image_tokens,
+                                         self.spec.max_length, self.spec.record_policy, row["normalised"])
             except RecordError as e:
                 self._reject(row, e)
                 continue
@@ -162,7 +165,7 @@ class RecordProcessor:
         if self.fail:
             raise RecordError(err.reason, f"record {row['id']!r} (row {row['row']}): {err.detail}") from err
         row.update(status="rejected", reason=err.reason, detail=err.detail[:500], input_ids=None, labels=None,
-                   length=None, has_image=False, image=None)
+                   length=None, has_image=False, image=None, normalised=[])
 
 
 class _RayStage:
@@ -219,7 +222,8 @@ def sample_spec_for(cfg: PreprocessJobConfig) -> tuple[Any, SampleSpec]:
     template = cfg.data.template or STAGE_TEMPLATES[cfg.stage]
     spec = SampleSpec.from_processor(processor, model_config, template, cfg.data.max_length,
                                      cfg.data.image_aspect_ratio, cfg.data.max_image_pixels,
-                                     cfg.data.max_image_aspect_ratio, Decoding.from_config(cfg.data))
+                                     cfg.data.max_image_aspect_ratio, Decoding.from_config(cfg.data),
+                                     cfg.data.record_policy)
     return processor.tokenizer, spec
 
 
@@ -297,7 +301,7 @@ def prepare(cfg: PreprocessJobConfig) -> PrepareReport:
             raise PreprocessError(f"stopped at a bad record (on_bad_record: fail): {cause}") from e
         raise
     phases["process + write"] = time.time() - t0 - sum(phases.values())
-    written = _count_rows(arrow_fs, f"{shards_path}/status=ok")
+    written, normalised = _count_written(arrow_fs, f"{shards_path}/status=ok")
     rejects = _read_rejects(arrow_fs, f"{shards_path}/status=rejected")
     by_reason = dict(Counter(r["reason"] for r in rejects))
     if records_in != written + len(rejects):
@@ -313,6 +317,8 @@ def prepare(cfg: PreprocessJobConfig) -> PrepareReport:
         "written": written,
         "rejected": len(rejects),
         "rejects_by_reason": by_reason,
+        # Written records that record_policy: llava changed, by kind (a record may count under several).
+        "normalised_by_kind": normalised,
         "template": spec.template,
         "template_sha256": hashlib.sha256(chat_template(spec.template).encode()).hexdigest(),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
@@ -370,11 +376,14 @@ def _find_record_error(exc: BaseException) -> RecordError | None:
     return None
 
 
-def _count_rows(fs, path: str) -> int:
+def _count_written(fs, path: str) -> tuple[int, dict[str, int]]:
+    """Written rows, and how many of them record_policy: llava normalised, by kind."""
     info = fs.get_file_info(path)
     if info.type.name == "NotFound":
-        return 0
-    return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+        return 0, {}
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["normalised"])
+    kinds = Counter(k for fixes in table.column("normalised").to_pylist() for k in (fixes or []))
+    return table.num_rows, dict(sorted(kinds.items()))
 
 
 def _read_rejects(fs, path: str) -> list[dict[str, Any]]:

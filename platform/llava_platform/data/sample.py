@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from llava_platform.data.conversation import IGNORE_INDEX, tokenize_record
+from llava_platform.data.conversation import IGNORE_INDEX, RecordPolicy, tokenize_record
 from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, Decoding, decode, normalize, prepare_image
 
 
@@ -31,12 +31,13 @@ class SampleSpec:
     max_image_pixels: int = 89_478_485
     max_image_aspect_ratio: float = MAX_ASPECT_RATIO
     decoding: Decoding = Decoding()
+    record_policy: RecordPolicy = "strict"
 
     @classmethod
     def from_processor(cls, processor: Any, model_config: Any, template: str, max_length: int,
                        aspect_ratio: AspectRatio = "pad", max_image_pixels: int = 89_478_485,
                        max_image_aspect_ratio: float = MAX_ASPECT_RATIO,
-                       decoding: Decoding = Decoding()) -> "SampleSpec":
+                       decoding: Decoding = Decoding(), record_policy: RecordPolicy = "strict") -> "SampleSpec":
         from llava_platform.model.builder import num_image_tokens
 
         ip = processor.image_processor
@@ -51,6 +52,7 @@ class SampleSpec:
             max_image_pixels=max_image_pixels,
             max_image_aspect_ratio=max_image_aspect_ratio,
             decoding=decoding,
+            record_policy=record_policy,
         )
 
 
@@ -63,7 +65,8 @@ def encode_record(record: dict[str, Any], image_bytes: bytes | None, tokenizer: 
     Raises:
         RecordError: the record or its image is invalid.
     """
-    tokens = tokenize_record(record, tokenizer, spec.template, spec.num_image_tokens, spec.max_length)
+    tokens = tokenize_record(record, tokenizer, spec.template, spec.num_image_tokens, spec.max_length,
+                             spec.record_policy)
     image = encode_image(image_bytes or b"", spec) if record.get("image") else None
     return {
         "id": str(record.get("id")),

@@ -168,6 +168,35 @@ def test_invalid_conversations_have_a_reason(conversations, has_image, reason):
     assert e.value.reason == reason
 
 
+@pytest.mark.parametrize("conversations, has_image, messages, fixes", [
+    # preprocess_v1: "Skip the first one if it is not from human".
+    ([g("hello"), h("hi"), g("hey")], False, [("user", "hi"), ("assistant", "hey")], ["dropped_leading_gpt_turn"]),
+    # preprocess_multimodal: every <image> in a turn removed, one put in front.
+    ([h("<image>\n<image> two"), g("a")], True, [("user", "<image>\ntwo"), ("assistant", "a")],
+     ["image_placeholders_collapsed"]),
+    ([h("no placeholder"), g("a")], True, [("user", "<image>\nno placeholder"), ("assistant", "a")],
+     ["image_placeholder_added"]),
+    ([{"from": "system", "value": "s"}, g("x"), h("q"), g("a")], True,
+     [("system", "s"), ("user", "<image>\nq"), ("assistant", "a")], ["dropped_leading_gpt_turn", "image_placeholder_added"]),
+    ([h("<image>\nq"), g("a")], True, [("user", "<image>\nq"), ("assistant", "a")], []),
+])
+def test_record_policy_llava_normalises_what_llava_trains_on(conversations, has_image, messages, fixes):
+    got: list[str] = []
+    out = llava_turns_to_messages(conversations, has_image, "llava", got)
+    assert [(m["role"], m["content"]) for m in out] == messages and got == fixes
+
+
+@pytest.mark.parametrize("conversations, has_image, reason", [
+    ([g("hello"), h("hi")], False, "no_assistant_turn"),  # nothing left to learn from once the gpt turn goes
+    ([h("<image>\nq"), g("a"), h("<image>\nmore"), g("b")], True, "multiple_image_placeholders"),  # two turns
+    ([h("<image>\nq"), g("a")], False, "placeholder_without_image"),
+])
+def test_record_policy_llava_still_rejects_what_llava_cannot_train_on(conversations, has_image, reason):
+    with pytest.raises(RecordError) as e:
+        llava_turns_to_messages(conversations, has_image, "llava")
+    assert e.value.reason == reason
+
+
 def test_unknown_template():
     with pytest.raises(TemplateError, match="unknown conversation template 'vicuna_v0'.*plain, vicuna_v1, llava_v1"):
         chat_template("vicuna_v0")

@@ -64,9 +64,9 @@ def build_dataset(root, synth_dir):
         "huge": "image_too_large",
         "noconv": "empty_conversation",
         "noanswer": "no_assistant_turn",
-        "gptfirst": "first_turn_not_human",
-        "noplaceholder": "image_without_placeholder",
-        "twoplaceholders": "multiple_image_placeholders",
+        # record_policy: llava (the default) keeps these three as LLaVA does, normalised and counted.
+        "gptfirst": None, "noplaceholder": None, "twoplaceholders": None,
+        "twoturnplaceholders": "multiple_image_placeholders",
         "placeholdernoimage": "placeholder_without_image",
         "nonstring": "non_string_text",
         "toolong": "too_long",
@@ -89,9 +89,11 @@ def build_dataset(root, synth_dir):
         {"id": "huge", "image": "huge.png", "conversations": [h("<image>\nq"), g("a")]},
         {"id": "noconv", "image": first_img, "conversations": []},
         {"id": "noanswer", "conversations": [h("just a question")]},
-        {"id": "gptfirst", "conversations": [g("hello"), h("hi")]},
+        {"id": "gptfirst", "conversations": [g("hello"), h("hi"), g("hey")]},
         {"id": "noplaceholder", "image": first_img, "conversations": [h("q"), g("a")]},
         {"id": "twoplaceholders", "image": first_img, "conversations": [h("<image>\n<image> q"), g("a")]},
+        {"id": "twoturnplaceholders", "image": first_img,
+         "conversations": [h("<image>\nq"), g("a"), h("<image>\nmore"), g("b")]},
         {"id": "placeholdernoimage", "conversations": [h("<image>\nq"), g("a")]},
         {"id": "nonstring", "conversations": [h("q"), g(["not", "a", "string"])]},
         {"id": "toolong", "conversations": [h("word " * 400), g("a")]},
@@ -168,10 +170,12 @@ def test_every_record_accounted_for_with_its_reason(array_run, bad_world):
     # memory ran out; the lone surrogate and the deep record aborted the whole job.
     text = open(storage.join(cfg.output_path, "rejects.jsonl")).read()
     assert "root:" not in text and "x:0:0" not in text
-    assert report.written == 9  # good-0..6, good-text, 42
+    assert report.written == 12  # good-0..6, good-text, 42, and the three normalised records
     manifest = read_manifest(cfg.output_path)
     assert manifest["records_in"] == len(recs) and manifest["rejected"] == len(rejects)
     assert sum(manifest["rejects_by_reason"].values()) == len(rejects)
+    assert manifest["normalised_by_kind"] == {"dropped_leading_gpt_turn": 1, "image_placeholder_added": 1,
+                                              "image_placeholders_collapsed": 1}
     assert manifest["template"] == "vicuna_v1" and len(manifest["tokenizer_sha256"]) == 64
     assert manifest["image_layout"]["shape"] == [32, 32, 3]
     assert manifest["config"]["data"]["data_path"] == cfg.data.data_path
@@ -185,7 +189,7 @@ def test_ray_output_is_byte_identical_to_the_reference(array_run, tmp_path):
     ours = pads.dataset(storage.strip_scheme(cfg.output_path) + "/shards/status=ok", format="parquet").to_table()
     ref_ok = sorted((r for r in ref.to_pylist() if r["status"] == "ok"), key=lambda r: r["row"])
     ours_ok = sorted(ours.to_pylist(), key=lambda r: r["row"])
-    assert len(ref_ok) == len(ours_ok) == 9
+    assert len(ref_ok) == len(ours_ok) == 12
     for a, b in zip(ref_ok, ours_ok):
         for col in ("id", "input_ids", "labels", "length", "has_image", "image"):
             assert a[col] == b[col], (a["id"], col)
@@ -207,7 +211,7 @@ def test_jsonl_input_gives_the_same_records(ray_cluster, bad_world, tmp_path):
     cfg = config(root, root / "data.jsonl", root / "images", tmp_path / "out")
     report = prepare(cfg)
     assert report.records_in == len(recs) + 1
-    assert report.written == 9 and report.rejects_by_reason["invalid_json"] == 1
+    assert report.written == 12 and report.rejects_by_reason["invalid_json"] == 1
     assert report.rejects_by_reason["nested_too_deep"] == 1 and report.rejects_by_reason["image_outside_root"] == 3
     assert report.records_in == report.written + report.rejected
 
@@ -264,16 +268,16 @@ def test_s3_end_to_end(ray_cluster, s3_server, bad_world, monkeypatch):
                  **{"storage.endpoint_url": s3_server.endpoint_url, "storage.access_key_id": s3_server.access_key_id,
                     "storage.secret_access_key": s3_server.secret_access_key, "storage.region": s3_server.region})
     report = prepare(cfg)
-    assert report.records_in == len(recs) == report.written + report.rejected and report.written == 9
+    assert report.records_in == len(recs) == report.written + report.rejected and report.written == 12
     manifest = read_manifest(cfg.output_path, cfg.storage)
-    assert manifest["written"] == 9
+    assert manifest["written"] == 12
     rejects = [json.loads(line) for line in storage.read_bytes(f"s3://{bucket}/prepared/rejects.jsonl", cfg.storage).splitlines()]
     reasons = {r["id"]: r["reason"] for r in rejects}
     assert reasons["missing"] == reasons["devzero"] == "image_missing"
     assert reasons["escape"] == reasons["passwd"] == reasons["absolute"] == "image_outside_root"
     assert reasons["bigfile"] == "image_file_too_large" and reasons["empty"] == "zero_size_image", rejects
     ds, _ = open_prepared(cfg.output_path, cfg.storage)
-    assert ds.count() == 9
+    assert ds.count() == 12
 
 
 def test_prepared_set_feeds_a_two_worker_train_loop(array_run, tmp_path):
