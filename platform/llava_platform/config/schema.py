@@ -312,6 +312,14 @@ class JudgeConfig(StrictModel):
     base_url: str
     model: str
     api_key: SecretStr | None = None
+    # LLaVA's eval_gpt_review_bench.py samples the judge at 0.2.
+    temperature: float = Field(0.2, ge=0, le=2)
+    max_tokens: int = Field(1024, gt=0)
+    # LLaVA's context file (JSONL, local or s3://): per image its `caption`(s) and, for COCO, `instances`
+    # with boxes; the judge sees them in place of the image.
+    context: str | None = None
+    # LLaVA's rule file (llava/eval/table/rule.json); without it, the same instructions in our words.
+    rules: str | None = None
 
 
 class EvalConfig(ImageDecoding):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from llava_platform import storage
-from llava_platform.config.schema import EvalJobConfig, ModelSpec, StorageConfig
+from llava_platform.config.schema import EvalJobConfig, JudgeConfig, ModelSpec, StorageConfig
 from llava_platform.eval.generate import EvalError, generate_answers, read_jsonl, read_questions
-from llava_platform.eval.judge import JudgeSummary, review_answers
+from llava_platform.eval.judge import JudgeSummary, read_rules, review_answers
 from llava_platform.eval.scoring import Scores, first_answer, score_answers
 
 ANSWER_FIELDS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
@@ -139,6 +139,41 @@ def answer_key(rows: list[dict[str, Any]], questions: list[dict[str, Any]], uri:
     return key
 
 
+def judge_inputs(judge: JudgeConfig, st: StorageConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The judge's context (by image) and rule files, read before any answer is generated.
+
+    Raises:
+        EvalError: a file is missing or not in LLaVA's format.
+    """
+    contexts = None
+    if judge.context:
+        contexts = {str(row.get("image")): row for row in read_jsonl(judge.context, st, "judge context")}
+    rules = None
+    if judge.rules:
+        try:
+            rules = read_rules(storage.read_bytes(judge.rules, st))
+        except (OSError, ValueError) as e:
+            raise EvalError(f"judge.rules {judge.rules}: {e}") from e
+    return contexts, rules
+
+
+def _judge(judge: JudgeConfig, st: StorageConfig, questions: list[dict[str, Any]], key: dict[str, dict[str, Any]],
+           answers: list[dict[str, Any]], contexts: dict[str, Any] | None, rules: dict[str, Any] | None) -> JudgeSummary:
+    """The LLaVA-Bench review of every answered question the key has a reference for."""
+    by_id = {str(q["question_id"]): q for q in questions}
+    items = []
+    for a in answers:
+        qid = str(a["question_id"])
+        if qid in key:
+            ref = key[qid]
+            items.append({"question_id": a["question_id"], "category": ref["category"], "question": by_id[qid]["text"],
+                          "image": by_id[qid].get("image"), "reference": first_answer(ref), "answer": a["text"],
+                          "answer1_id": ref.get("answer_id", a["question_id"]), "answer2_id": a["answer_id"]})
+    api_key = judge.api_key.get_secret_value() if judge.api_key else os.environ.get("OPENAI_API_KEY")
+    return review_answers(items, judge.base_url, judge.model, api_key, max_tokens=judge.max_tokens,
+                          temperature=judge.temperature, contexts=contexts, rules=rules)
+
+
 def answer_records(rows: list[dict[str, Any]], questions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Answer rows in the form of LLaVA's ``model_vqa.py`` answers files, which its scripts
     (``eval_pope.py``, ``summarize_gpt_review.py``) read: ``question_id`` as the question file has it
@@ -164,6 +199,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
     key = None
     if cfg.answers_key:
         key = answer_key(read_jsonl(cfg.answers_key, st, "answer key"), questions, cfg.answers_key)
+    judged_with = judge_inputs(cfg.judge, st) if cfg.judge is not None else (None, None)
     uri = tracking_uri(job.tracking)
     use_tracking_uri(uri)
     init_ray()
@@ -177,12 +213,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
     scores = score_answers(answers, key, blind, cfg.yes_no_categories, cfg.yes_no_parsing) if key else None
     judge = None
     if cfg.judge is not None and key:
-        by_id = {str(q["question_id"]): q for q in questions}
-        items = [{"question_id": a["question_id"], "category": a["category"], "question": by_id[a["question_id"]]["text"],
-                  "reference": first_answer(key[a["question_id"]]), "answer": a["text"]}
-                 for a in answers if a["question_id"] in key]
-        api_key = cfg.judge.api_key.get_secret_value() if cfg.judge.api_key else os.environ.get("OPENAI_API_KEY")
-        judge = review_answers(items, cfg.judge.base_url, cfg.judge.model, api_key)
+        judge = _judge(cfg.judge, st, questions, key, answer_records(answers, questions), *judged_with)
 
     with tempfile.TemporaryDirectory() as tmp:
         # Every output is written once, here; the same directory goes to output_dir and to MLflow.
@@ -215,7 +246,8 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
             accuracy_chart(scores, os.path.join(local, "accuracy_by_category.png"), f"{model_id}: accuracy by category")
         if judge is not None:
             metrics.update(judge.metrics())
-            put("reviews.jsonl", _jsonl([r.__dict__ for r in judge.reviews]))
+            put("reviews.jsonl", _jsonl(judge.llava_rows()))  # LLaVA's review-file rows
+            put("judge.md", (judge.table() + "\n").encode())
         put("scores.json", json.dumps(metrics, indent=2).encode())
         storage.upload_dir(local, cfg.output_dir, st)
 
