@@ -61,6 +61,24 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0, help="seed for random initialisation (default 0)")
     build.add_argument("--out", required=True, help="output directory or s3:// URI")
     build.set_defaults(func=_cmd_model_build)
+    imp = msub.add_parser("import", help="an original LLaVA checkpoint (LlavaLlamaForCausalLM) or stage 1's "
+                                         "mm_projector.bin -> our (llava-hf) layout")
+    isrc = imp.add_mutually_exclusive_group(required=True)
+    isrc.add_argument("--llava", help="an original-layout checkpoint directory (path or s3://)")
+    isrc.add_argument("--projector", help="stage 1's mm_projector.bin (use with --vision-tower and --llm)")
+    imp.add_argument("--vision-tower", help="CLIP tower (hub id, path, s3://); overrides the checkpoint's mm_vision_tower")
+    imp.add_argument("--llm", help="with --projector: the causal LM the projector was trained for")
+    imp.add_argument("--projector-type", default="mlp2x_gelu", help="with --projector: mlp2x_gelu or linear")
+    imp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    imp.add_argument("--out", required=True, help="output directory or s3:// URI")
+    imp.set_defaults(func=_cmd_model_import)
+    exp = msub.add_parser("export", help="a LLaVA checkpoint -> llava-hf's or the original LLaVA code's layout")
+    exp.add_argument("--checkpoint", required=True, help="a checkpoint: path, s3://, models:/ or runs:/")
+    exp.add_argument("--format", required=True, choices=("llava-hf", "llava-original"))
+    exp.add_argument("--vision-tower", help="llava-original: what mm_vision_tower names (e.g. the tower's hub id); "
+                                            "default: the tower written beside it")
+    exp.add_argument("--out", required=True, help="output directory (s3:// for llava-hf)")
+    exp.set_defaults(func=_cmd_model_export)
     comp = msub.add_parser("pretrain-components",
                            help="stage 0 of the embedded default: a small CLIP-style tower and LLM on a synthetic world")
     comp.add_argument("--config", help="a components YAML (jobs/configs/components_*.yaml); flags override it")
@@ -122,6 +140,40 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
     model, processor = build_model(spec)
     where = save_model(model, processor, args.out)
     print(json.dumps({"saved": where, **describe(model)}, indent=2))
+    return 0
+
+
+def _cmd_model_import(args: argparse.Namespace) -> int:
+    from llava_platform.errors import ModelBuildError
+    from llava_platform.model.builder import describe, save_model
+    from llava_platform.model.layouts import import_original, import_projector
+
+    if args.projector and not (args.vision_tower and args.llm):
+        raise ModelBuildError("--projector needs --vision-tower and --llm (the parts it was trained between)")
+    if args.llava:
+        model, processor = import_original(args.llava, args.vision_tower, dtype=args.dtype)
+    else:
+        model, processor = import_projector(args.projector, args.vision_tower, args.llm, args.projector_type,
+                                            dtype=args.dtype)
+    where = save_model(model, processor, args.out)
+    print(json.dumps({"saved": where, **describe(model)}, indent=2))
+    return 0
+
+
+def _cmd_model_export(args: argparse.Namespace) -> int:
+    from llava_platform import storage
+    from llava_platform.errors import ModelBuildError
+    from llava_platform.model.builder import load_checkpoint, save_model
+    from llava_platform.model.layouts import export_original
+
+    model, processor = load_checkpoint(args.checkpoint)
+    if args.format == "llava-hf":
+        where = save_model(model, processor, args.out)
+    else:
+        if storage.is_remote(args.out):
+            raise ModelBuildError("--format llava-original writes a local directory; copy it to S3 afterwards")
+        where = export_original(model, processor, storage.strip_scheme(args.out), args.vision_tower)
+    print(json.dumps({"saved": where, "format": args.format}, indent=2))
     return 0
 
 

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from llava_platform.cli import main
 
 
@@ -44,3 +46,19 @@ def test_eval_flags_map_to_config_keys_and_errors_are_one_line(tmp_path, capsys)
                  "--model", "m", "--no-blind", "--set", "eval.batch_size=4"]) == 2
     err = capsys.readouterr().err
     assert "cannot read the question file" in err and "q.jsonl" in err and "Traceback" not in err
+
+
+def test_model_export_to_the_original_layout_and_import_back(tmp_path, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    assert main(["model", "build", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    assert main(["model", "export", "--checkpoint", str(tmp_path / "m"), "--format", "llava-original",
+                 "--out", str(tmp_path / "orig")]) == 0
+    assert json.loads((tmp_path / "orig" / "config.json").read_text())["model_type"] == "llava_llama"
+    assert main(["model", "import", "--llava", str(tmp_path / "orig"), "--out", str(tmp_path / "back")]) == 0
+    a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(tmp_path / "back").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["model", "import", "--projector", str(tmp_path / "x.bin"), "--out", str(tmp_path / "y")]) == 2
+    assert "--projector needs --vision-tower and --llm" in capsys.readouterr().err

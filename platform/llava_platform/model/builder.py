@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +44,7 @@ from llava_platform.data import synthetic
 from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_template
 from llava_platform.errors import ModelBuildError
 from llava_platform.model.components import build_language_model
+from llava_platform.model.layouts import to_llava_hf_layout
 from llava_platform.model.tokenizer import PAD, train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,7 @@ def apply_stage(model: torch.nn.Module, stage: str, unfreeze_vision_tower: bool 
 def save_model(model: PreTrainedModel, processor: LlavaProcessor, uri: str,
                storage_config: StorageConfig | None = None) -> str:
     """Write model + processor to a local path or s3:// URI in llava-hf's layout (see
-    :func:`to_llava_hf_layout`), which transformers, vLLM and SGLang load."""
+    :func:`llava_platform.model.layouts.to_llava_hf_layout`), which transformers, vLLM and SGLang load."""
     if not storage.is_remote(uri):
         path = storage.strip_scheme(uri)
         _save_llava_hf(model, processor, path)
@@ -431,54 +431,6 @@ def _save_llava_hf(model: PreTrainedModel, processor: LlavaProcessor, path: str)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     to_llava_hf_layout(path)
-
-
-#: Weight-name prefixes of llava-hf checkpoints (``llava-hf/llava-1.5-7b-hf``), which vLLM and SGLang
-#: map by name: ``save_pretrained`` in transformers 5 writes the others already, but the CLIP tower
-#: without its ``vision_model.`` level.
-LLAVA_HF_PREFIXES = ("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.",
-                     "language_model.lm_head.")
-
-
-def to_llava_hf_layout(path: str) -> None:
-    """Rewrite a local ``save_pretrained`` LLaVA directory in llava-hf's layout: tower weights as
-    ``vision_tower.vision_model.*`` (in every shard and the shard index), and the image processor's
-    own ``preprocessor_config.json`` beside ``processor_config.json`` for loaders that read only it.
-    transformers loads both layouts to the same tensors.
-
-    Raises:
-        ModelBuildError: a weight name fits none of llava-hf's prefixes.
-    """
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    def renamed(key: str) -> str:
-        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower."):]
-        if not key.startswith(LLAVA_HF_PREFIXES):
-            raise ModelBuildError(f"internal: weight {key!r} has no place in the llava-hf layout")
-        return key
-
-    root = Path(path)
-    for shard in sorted(root.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            tensors = {renamed(k): f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata() or {"format": "pt"}
-        tmp = shard.with_name(shard.name + ".tmp")  # the tensors may map the old file: write beside, then swap
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, shard)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items()}
-        index.write_text(json.dumps(data, indent=2))
-    processor_config = root / "processor_config.json"
-    if processor_config.exists():
-        image_processor = json.loads(processor_config.read_text()).get("image_processor")
-        if image_processor is not None:
-            (root / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2) + "\n")
 
 
 def describe(model: LlavaForConditionalGeneration) -> dict[str, Any]:
