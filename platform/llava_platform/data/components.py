@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from llava_platform.config.schema import STAGE_TEMPLATES, VisionTowerSpec
-from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_template, llava_turns_to_messages
+from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_ids, chat_template, llava_turns_to_messages
 from llava_platform.data.images import expand_to_square, normalize, pad_colour
 from llava_platform.data.synthetic import COLOURS, SHAPES
 
@@ -164,8 +164,7 @@ def encode_document(doc: dict[str, Any], tokenizer: Any, max_length: int) -> dic
         caption = "".join(m["content"] for m in doc["messages"] if m["role"] == "assistant")
         ids = [tokenizer.bos_token_id] + tokenizer(text + caption + "\n", add_special_tokens=False)["input_ids"]
     else:
-        ids = list(tokenizer.apply_chat_template(doc["messages"], chat_template=chat_template(doc["template"]),
-                                                 tokenize=True, return_dict=True)["input_ids"])
+        ids, _ = chat_ids(tokenizer, doc["messages"], chat_template(doc["template"]))
     ids = ids[:max_length]
     return {"id": doc["id"], "input_ids": ids, "labels": ids, "length": len(ids)}
 

@@ -130,6 +130,55 @@ class TokenizedSample:
         return len(self.input_ids)
 
 
+def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], source: str,
+             add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Render ``messages`` with the chat template ``source`` and tokenize the text the way LLaVA's
+    ``tokenizer_image_token`` does: special tokens (``<s>``, ``</s>``, ``<image>``) become their ids and
+    the text between them is tokenized piece by piece, each piece as a sequence of its own. A
+    SentencePiece (Llama) tokenizer then gives LLaVA's ids whatever its ``legacy`` flag: the text after
+    ``<s>`` or ``<image>`` starts a word (``▁A``, and the ``▁`` LLaVA keeps after the image), where
+    tokenizing the whole string in ``legacy=False`` mode would glue it to the special token. A
+    byte-level BPE tokenizer gives the same ids either way. Returns the ids and, per id, 1 where it
+    lies inside ``{% generation %}`` (the assistant's answer and end-of-turn token), else 0.
+
+    Raises:
+        TemplateError: the template refuses the messages.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, spans = render_jinja_template(conversations=[list(messages)], chat_template=source,
+                                                return_assistant_tokens_mask=True,
+                                                add_generation_prompt=add_generation_prompt,
+                                                **tokenizer.special_tokens_map)
+    except Exception as e:  # jinja's raise_exception and rendering errors
+        raise TemplateError(str(e)) from e
+    text, generation = rendered[0], spans[0]
+    specials = set(tokenizer.all_special_tokens)
+    if IMAGE_PLACEHOLDER in tokenizer.get_vocab():
+        specials.add(IMAGE_PLACEHOLDER)
+    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+
+    def supervised(a: int, b: int) -> int:
+        return int(any((a < e and b > s) if b > a else s <= a < e for s, e in generation))
+
+    ids: list[int] = []
+    mask: list[int] = []
+    pos = 0
+    for piece in split.split(text):
+        if not piece:
+            continue
+        if piece in specials:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+            mask.append(supervised(pos, pos + len(piece)))
+        else:
+            enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            ids.extend(enc["input_ids"])
+            mask.extend(supervised(pos + a, pos + b) for a, b in enc["offset_mapping"])
+        pos += len(piece)
+    return ids, mask
+
+
 def tokenize_messages(
     messages: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -149,18 +198,10 @@ def tokenize_messages(
     """
     if tokenizer.eos_token is None:
         raise TemplateError("the tokenizer has no end-of-sequence token; set eos_token before tokenizing")
-    source = chat_template(template)
     try:
-        out = tokenizer.apply_chat_template(
-            list(messages),
-            chat_template=source,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
-    except Exception as e:  # jinja's raise_exception and rendering errors
+        ids, mask = chat_ids(tokenizer, messages, chat_template(template))
+    except TemplateError as e:
         raise TemplateError(f"template {template!r} cannot render these messages: {e}") from e
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     input_ids: list[int] = []
     labels: list[int] = []

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from llava_platform.config.schema import STAGE_TEMPLATES
-from llava_platform.data.conversation import chat_template
+from llava_platform.data.conversation import chat_ids, chat_template
 from llava_platform.data.images import MAX_ASPECT_RATIO
-from llava_platform.errors import RecordError
+from llava_platform.errors import RecordError, TemplateError
 from llava_platform.serve.engine import ImageSpec
 from llava_platform.serve.protocol import ApiError, ChatCompletionRequest, Message
 
@@ -192,10 +192,9 @@ class PromptBuilder:
         if messages and messages[-1]["role"] == "assistant":
             raise ApiError(400, "the last message must be from the user (or system), not the assistant",
                            f"messages.{len(messages) - 1}.role", "invalid_role")
-        try:
-            ids = self.tokenizer.apply_chat_template(list(messages), chat_template=self.template,
-                                                     add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        except Exception as e:  # jinja's raise_exception
+        try:  # the ids training used (LLaVA's tokenization of the rendered prompt)
+            ids, _ = chat_ids(self.tokenizer, messages, self.template, add_generation_prompt=True)
+        except TemplateError as e:  # jinja's raise_exception
             raise ApiError(400, f"the conversation cannot be rendered for this model: {e}", "messages",
                            "invalid_conversation") from e
         images = sum(1 for m in messages if not isinstance(m["content"], str)

@@ -8,6 +8,7 @@ import pytest
 
 from llava_platform.data.conversation import (
     IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
     chat_template,
     llava_turns_to_messages,
     tokenize_messages,
@@ -243,3 +244,60 @@ def test_content_parts_render_like_placeholders(tiny_tokenizer):
     a = tok.apply_chat_template(parts, chat_template=src, tokenize=False, add_generation_prompt=True)
     b = tok.apply_chat_template(text, chat_template=src, tokenize=False, add_generation_prompt=True)
     assert a == b == f"<s>{SYSTEM} USER: <image>\nWhat is it? ASSISTANT:"
+
+
+def _llama_style_tokenizer(legacy: bool):
+    """A Llama-style tokenizer built here (BPE over Metaspace pieces, byte fallback, <s> </s> <unk>),
+    in transformers' LlamaTokenizer with its `legacy` flag: the way vicuna's tokenizer behaves."""
+    import json as _json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    sp = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    corpus = ["A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.", "a red circle on the left",
+              "What colour is the shape? USER: ASSISTANT: Red."] * 20
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       show_progress=False))
+    model = _json.loads(sp.to_str())["model"]
+    vocab = model["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER], "pad_token": "<unk>"})
+    return tok
+
+
+def test_llama_tokenizers_give_llavas_ids_in_both_legacy_modes():
+    # LLaVA's tokenizer_image_token: the prompt split at <image>, each piece tokenized on its own
+    # (BOS as an id), so the system text starts with "▁A", stage 1's caption with "▁a", and a "▁"
+    # stays after the image. Measured before: with legacy=False (transformers 5's default) the whole
+    # rendered string gave 'A' and 'a' and lost that "▁".
+    from llava_platform.data.conversation import chat_ids
+
+    vicuna = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}, {"role": "assistant", "content": "Red."}]
+    plain = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a red circle on the left"}]
+    got = {}
+    for legacy in (True, False):
+        tok = _llama_style_tokenizer(legacy)
+        for name, messages in (("vicuna_v1", vicuna), ("plain", plain)):
+            ids, mask = chat_ids(tok, messages, chat_template(name))
+            got[legacy, name] = ids, mask
+            pieces = tok.convert_ids_to_tokens(ids)
+            image = pieces.index(IMAGE_PLACEHOLDER)
+            if name == "vicuna_v1":
+                assert pieces[:2] == ["<s>", "\u2581A"] and pieces[image + 1:image + 3] == ["\u2581", "<0x0A>"]
+                assert tok.decode([i for i, m in zip(ids, mask) if m]).strip() == "Red.</s>"
+            else:
+                assert pieces[image + 1] == "\u2581a" and mask[image + 1] == 1 and mask[image] == 0
+        whole = tok.apply_chat_template(vicuna, chat_template=chat_template("vicuna_v1"), tokenize=True,
+                                        return_dict=True)["input_ids"]
+        assert (tok.convert_ids_to_tokens(whole)[1] == "\u2581A") is legacy  # what HF's own path gives
+    assert got[True, "vicuna_v1"] == got[False, "vicuna_v1"] and got[True, "plain"] == got[False, "plain"]
+    sample = tokenize_record({"id": "1", "image": "x.png", "conversations": [h("<image>\nWhat colour is the shape?"),
+                                                                            g("Red.")]},
+                             _llama_style_tokenizer(False), "vicuna_v1", N_IMG, 512)
+    assert sample.input_ids.count(_llama_style_tokenizer(False).convert_tokens_to_ids(IMAGE_PLACEHOLDER)) == N_IMG
