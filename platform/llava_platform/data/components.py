@@ -164,7 +164,7 @@ def encode_document(doc: dict[str, Any], tokenizer: Any, max_length: int) -> dic
         caption = "".join(m["content"] for m in doc["messages"] if m["role"] == "assistant")
         ids = [tokenizer.bos_token_id] + tokenizer(text + caption + "\n", add_special_tokens=False)["input_ids"]
     else:
-        ids, _ = chat_ids(tokenizer, doc["messages"], chat_template(doc["template"]))
+        ids, _ = chat_ids(tokenizer, doc["messages"], chat_template(doc["template"]), with_mask=False)
     ids = ids[:max_length]
     return {"id": doc["id"], "input_ids": ids, "labels": ids, "length": len(ids)}
 

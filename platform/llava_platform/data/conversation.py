@@ -61,11 +61,13 @@ def llava_turns_to_messages(conversations: Any, has_image: bool, policy: RecordP
     The ``<image>`` placeholder may stand at the start or the end of its human turn (both occur in
     LLaVA's data); like LLaVA's ``preprocess_multimodal`` it is moved to the start, followed by a newline.
 
-    With ``policy="llava"``, three records LLaVA trains on are kept, and each fix is appended to
-    ``normalised`` (see :data:`NORMALISATIONS`): a leading gpt turn is dropped (``preprocess_v1``
-    skips it); several ``<image>`` in one human turn become one (``preprocess_multimodal`` removes
-    them all and puts one in front); an image record without ``<image>`` gets it in front of its
-    first human turn. ``strict`` rejects all three.
+    With ``policy="llava"``, three records LLaVA's training code accepts are kept, and each fix is
+    appended to ``normalised`` (see :data:`NORMALISATIONS`): a leading gpt turn is dropped
+    (``preprocess_v1`` skips it); several ``<image>`` in one human turn become one
+    (``preprocess_multimodal`` removes them all and puts one in front); an image record without
+    ``<image>`` gets it in front of its first human turn. That last one differs from LLaVA-1.5, which
+    keeps such a record but whose model then ignores its image (``image_features[0:0]``): here the
+    image is used. ``strict`` rejects all three.
 
     Raises:
         RecordError: with a stable ``reason`` code when the conversation is unusable.
@@ -116,7 +118,7 @@ def llava_turns_to_messages(conversations: Any, has_image: bool, policy: RecordP
             if m["role"] != "user":
                 raise RecordError("placeholder_not_in_human_turn", "<image> must be in a human turn")
             rest = m["content"].replace(IMAGE_PLACEHOLDER, "").strip()
-            m["content"] = IMAGE_PLACEHOLDER + "\n" + rest
+            m["content"] = (IMAGE_PLACEHOLDER + "\n" + rest).strip()  # an image-only turn is "<image>", as LLaVA's
     return messages
 
 
@@ -130,34 +132,41 @@ class TokenizedSample:
         return len(self.input_ids)
 
 
+@cache
+def _special_split(specials: frozenset[str]) -> re.Pattern[str]:
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+
+
 def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], source: str,
-             add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Render ``messages`` with the chat template ``source`` and tokenize the text the way LLaVA's
-    ``tokenizer_image_token`` does: special tokens (``<s>``, ``</s>``, ``<image>``) become their ids and
-    the text between them is tokenized piece by piece, each piece as a sequence of its own. A
-    SentencePiece (Llama) tokenizer then gives LLaVA's ids whatever its ``legacy`` flag: the text after
-    ``<s>`` or ``<image>`` starts a word (``▁A``, and the ``▁`` LLaVA keeps after the image), where
-    tokenizing the whole string in ``legacy=False`` mode would glue it to the special token. A
-    byte-level BPE tokenizer gives the same ids either way. Returns the ids and, per id, 1 where it
-    lies inside ``{% generation %}`` (the assistant's answer and end-of-turn token), else 0.
+             add_generation_prompt: bool = False, with_mask: bool = True) -> tuple[list[int], list[int]]:
+    """Render ``messages`` with the chat template ``source`` and tokenize the text as LLaVA-1.5 was
+    trained (``tokenizer_image_token`` over a legacy SentencePiece tokenizer): special tokens (``<s>``,
+    ``</s>``, ``<image>``) become their ids and the text between them is tokenized piece by piece, each
+    piece as a sequence of its own. A Llama tokenizer then gives those ids whatever its ``legacy``
+    flag: the text after ``<s>``, ``</s>`` or ``<image>`` starts a word (``▁A``, ``▁USER``, and the
+    ``▁`` LLaVA keeps after the image), where tokenizing the whole string in ``legacy=False`` mode
+    (transformers 5's default) glues it to the special token. A byte-level BPE tokenizer gives the same
+    ids either way. Returns the ids and, with ``with_mask``, per id 1 where it lies inside
+    ``{% generation %}`` (the assistant's answer and end-of-turn token), else 0 (an empty list without).
 
     Raises:
-        TemplateError: the template refuses the messages.
+        TemplateError: the template refuses the messages, or a mask is asked of a tokenizer that
+            cannot give character offsets (a Python-only one).
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
     try:
         rendered, spans = render_jinja_template(conversations=[list(messages)], chat_template=source,
-                                                return_assistant_tokens_mask=True,
+                                                return_assistant_tokens_mask=with_mask,
                                                 add_generation_prompt=add_generation_prompt,
                                                 **tokenizer.special_tokens_map)
     except Exception as e:  # jinja's raise_exception and rendering errors
         raise TemplateError(str(e)) from e
-    text, generation = rendered[0], spans[0]
+    text, generation = rendered[0], (spans[0] if with_mask else [])
     specials = set(tokenizer.all_special_tokens)
-    if IMAGE_PLACEHOLDER in tokenizer.get_vocab():
+    if tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) not in (None, tokenizer.unk_token_id):
         specials.add(IMAGE_PLACEHOLDER)
-    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+    split = _special_split(frozenset(specials))
 
     def supervised(a: int, b: int) -> int:
         return int(any((a < e and b > s) if b > a else s <= a < e for s, e in generation))
@@ -170,9 +179,15 @@ def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], source: str,
             continue
         if piece in specials:
             ids.append(tokenizer.convert_tokens_to_ids(piece))
-            mask.append(supervised(pos, pos + len(piece)))
+            if with_mask:
+                mask.append(supervised(pos, pos + len(piece)))
+        elif not with_mask:
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
         else:
-            enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            try:
+                enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            except NotImplementedError as e:
+                raise TemplateError(f"loss masks need a fast tokenizer (character offsets): {e}") from e
             ids.extend(enc["input_ids"])
             mask.extend(supervised(pos + a, pos + b) for a, b in enc["offset_mapping"])
         pos += len(piece)

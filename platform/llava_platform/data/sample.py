@@ -31,13 +31,13 @@ class SampleSpec:
     max_image_pixels: int = 89_478_485
     max_image_aspect_ratio: float = MAX_ASPECT_RATIO
     decoding: Decoding = Decoding()
-    record_policy: RecordPolicy = "strict"
+    record_policy: RecordPolicy = "llava"
 
     @classmethod
     def from_processor(cls, processor: Any, model_config: Any, template: str, max_length: int,
                        aspect_ratio: AspectRatio = "pad", max_image_pixels: int = 89_478_485,
                        max_image_aspect_ratio: float = MAX_ASPECT_RATIO,
-                       decoding: Decoding = Decoding(), record_policy: RecordPolicy = "strict") -> "SampleSpec":
+                       decoding: Decoding = Decoding(), record_policy: RecordPolicy = "llava") -> "SampleSpec":
         from llava_platform.model.builder import num_image_tokens
 
         ip = processor.image_processor

@@ -193,7 +193,7 @@ class PromptBuilder:
             raise ApiError(400, "the last message must be from the user (or system), not the assistant",
                            f"messages.{len(messages) - 1}.role", "invalid_role")
         try:  # the ids training used (LLaVA's tokenization of the rendered prompt)
-            ids, _ = chat_ids(self.tokenizer, messages, self.template, add_generation_prompt=True)
+            ids, _ = chat_ids(self.tokenizer, messages, self.template, add_generation_prompt=True, with_mask=False)
         except TemplateError as e:  # jinja's raise_exception
             raise ApiError(400, f"the conversation cannot be rendered for this model: {e}", "messages",
                            "invalid_conversation") from e

@@ -52,16 +52,16 @@ def rank0_print(msg: str) -> None:
 
 
 def set_tf32(enabled: bool) -> bool:
-    """Let CUDA run fp32 matmuls and cuDNN convolutions in TF32 (as HF's ``--tf32 True``), or keep
-    them IEEE fp32. Returns whether TF32 is now on; on a machine without CUDA nothing is changed."""
+    """Let CUDA run fp32 matmuls and cuDNN in TF32 (as HF's ``--tf32 True``). With ``enabled``
+    false, or on a machine without CUDA, torch's own settings stay as they are. Returns whether this
+    call turned TF32 on."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not enabled or not torch.cuda.is_available():
         return False
-    mode = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.fp32_precision = mode
-    return enabled
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.fp32_precision = "tf32"
+    return True
 
 
 def _setup_optimizer(objective, model):

@@ -297,6 +297,17 @@ def test_llama_tokenizers_give_llavas_ids_in_both_legacy_modes():
                                         return_dict=True)["input_ids"]
         assert (tok.convert_ids_to_tokens(whole)[1] == "\u2581A") is legacy  # what HF's own path gives
     assert got[True, "vicuna_v1"] == got[False, "vicuna_v1"] and got[True, "plain"] == got[False, "plain"]
+    # Several turns: LLaVA-1.5 trained with a legacy (slow SentencePiece) tokenizer, in which the text
+    # after </s> starts a word too ("▁USER"); both modes give those ids, and so does serving's prompt.
+    turns = [*vicuna, {"role": "user", "content": "And the shape?"}, {"role": "assistant", "content": "A circle."}]
+    legacy, modern = _llama_style_tokenizer(True), _llama_style_tokenizer(False)
+    src = chat_template("vicuna_v1")
+    reference = legacy.apply_chat_template(turns, chat_template=src, tokenize=True, return_dict=True)["input_ids"]
+    assert chat_ids(legacy, turns, src)[0] == chat_ids(modern, turns, src)[0] == list(reference)
+    pieces = modern.convert_ids_to_tokens(chat_ids(modern, turns, src)[0])
+    assert pieces[pieces.index("</s>") + 1].startswith("\u2581")
+    prompt, _ = chat_ids(modern, turns[:3], src, add_generation_prompt=True, with_mask=False)
+    assert prompt == chat_ids(legacy, turns[:3], src, add_generation_prompt=True)[0]
     sample = tokenize_record({"id": "1", "image": "x.png", "conversations": [h("<image>\nWhat colour is the shape?"),
                                                                             g("Red.")]},
                              _llama_style_tokenizer(False), "vicuna_v1", N_IMG, 512)

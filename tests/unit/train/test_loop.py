@@ -332,15 +332,17 @@ def test_tf32_is_set_on_cuda_only(monkeypatch):
     for name in ("pretrain_7b", "finetune_7b", "finetune_lora_7b"):  # on in the 7B configs, off by default
         assert load_config(CONFIGS / f"{name}.yaml", TrainJobConfig).train.tf32 is True
     assert load_config(CONFIGS / "pretrain_smoke.yaml", TrainJobConfig).train.tf32 is False
-    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision
+    def state():
+        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+                torch.backends.cudnn.rnn.fp32_precision)
+
+    before = state()
     if not torch.cuda.is_available():
-        assert set_tf32(True) is False
-        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision) == before
+        assert set_tf32(True) is False and state() == before
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     try:
-        assert set_tf32(True) is True
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
-        assert set_tf32(False) is False
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert set_tf32(False) is False and state() == before  # off: torch's defaults stay
+        assert set_tf32(True) is True and state() == ("tf32", "tf32", "tf32")
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision = before
+        torch.backends.cuda.matmul.fp32_precision = before[0]
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = before[1:]
