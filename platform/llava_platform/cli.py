@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -77,6 +78,8 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--format", required=True, choices=("llava-hf", "llava-original"))
     exp.add_argument("--vision-tower", help="llava-original: what mm_vision_tower names (e.g. the tower's hub id); "
                                             "default: the tower written beside it")
+    exp.add_argument("--image-aspect-ratio", default="pad", choices=("pad", "square"),
+                     help="llava-original: what the model trained with (LLaVA-1.5 stage 2: pad)")
     exp.add_argument("--out", required=True, help="output directory (s3:// for llava-hf)")
     exp.set_defaults(func=_cmd_model_export)
     comp = msub.add_parser("pretrain-components",
@@ -166,13 +169,15 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
     from llava_platform.model.builder import load_checkpoint, save_model
     from llava_platform.model.layouts import export_original
 
+    if args.format == "llava-original" and storage.is_remote(args.out):
+        raise ModelBuildError("--format llava-original writes a local directory; copy it to S3 afterwards")
     model, processor = load_checkpoint(args.checkpoint)
     if args.format == "llava-hf":
         where = save_model(model, processor, args.out)
     else:
-        if storage.is_remote(args.out):
-            raise ModelBuildError("--format llava-original writes a local directory; copy it to S3 afterwards")
-        where = export_original(model, processor, storage.strip_scheme(args.out), args.vision_tower)
+        local = args.checkpoint if os.path.isdir(args.checkpoint) else None  # for its tokenizer.model, if any
+        where = export_original(model, processor, storage.strip_scheme(args.out), args.vision_tower,
+                                args.image_aspect_ratio, tokenizer_source=local)
     print(json.dumps({"saved": where, "format": args.format}, indent=2))
     return 0
 

@@ -96,12 +96,14 @@ def to_llava_hf_layout(path: str) -> None:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory (safetensors shards, else PyTorch ``.bin`` shards) or file."""
+    """Every tensor of a checkpoint file, or of a directory's weight shards (``model*.safetensors``,
+    else ``pytorch_model*.bin``; not the ``training_args.bin`` or ``mm_projector.bin`` beside them)."""
     from safetensors.torch import load_file
 
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    files = ([path] if path.is_file() else
+             sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin")))
     if not files:
-        raise ModelBuildError(f"no weights (*.safetensors, *.bin) in {path}")
+        raise ModelBuildError(f"no weights (model*.safetensors, pytorch_model*.bin) in {path}")
     out: dict[str, torch.Tensor] = {}
     for f in files:
         out.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True))
@@ -168,6 +170,9 @@ def import_original(src: str, vision_tower: str | None = None, storage_config: A
         config = json.loads((root / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ModelBuildError(f"{src} has no readable config.json: {e}") from e
+    if config.get("model_type") not in ("llava_llama", "llava", None) and "llama" not in str(config.get("architectures")).lower():
+        raise ModelBuildError(f"{src} is a {config.get('model_type')!r} checkpoint; only LLaVA's Llama models "
+                              "(LlavaLlamaForCausalLM) import")
     options = _original_options(config, vision_tower)
     weights = _read_weights(root)
     if not any(k.startswith(ORIGINAL_PROJECTOR) for k in weights):
@@ -192,10 +197,13 @@ def import_original(src: str, vision_tower: str | None = None, storage_config: A
     if tower_state:  # a tower trained in stage 2 (unfreeze_mm_vision_tower) travels inside
         tower = model.model.vision_tower
         own = set(tower.state_dict())
-        state = {k if k in own else k.removeprefix("vision_model."): v for k, v in tower_state.items()}
+        state = {k if k in own else k.removeprefix("vision_model."): v for k, v in tower_state.items()
+                 if not k.endswith("position_ids")}  # a buffer older transformers saved
         missing, unexpected = tower.load_state_dict(state, strict=False)
-        if unexpected:
-            raise ModelBuildError(f"vision tower weights that fit no parameter: {unexpected[:3]}")
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if unexpected or missing:
+            raise ModelBuildError(f"the checkpoint's vision tower weights do not fit its mm_vision_tower: "
+                                  f"unexpected {unexpected[:3]}, missing {missing[:3]}")
     return model, processor
 
 
@@ -238,12 +246,17 @@ def import_projector(projector_file: str, vision_tower: str, llm: str, projector
     return model, processor
 
 
-def export_original(model: Any, processor: Any, out: str, vision_tower: str | None = None) -> str:
+def export_original(model: Any, processor: Any, out: str, vision_tower: str | None = None,
+                    image_aspect_ratio: str = "pad", model_max_length: int = 2048,
+                    tokenizer_source: str | None = None) -> str:
     """Write a LLaVA model in the original layout to the local directory ``out``: Llama weights,
-    ``model.mm_projector.*`` (a ``linear`` projector as its one equivalent layer), the mm_* config,
-    the tokenizer; the tower goes to ``out/vision_tower`` in CLIP's hub layout, and
-    ``mm_vision_tower`` names ``vision_tower`` when given (e.g. the hub id it came from), else that
-    folder's absolute path.
+    ``model.mm_projector.*`` (a ``linear`` projector as its one equivalent layer), the mm_* config
+    (``image_aspect_ratio`` and ``model_max_length`` as trained: LLaVA-1.5's by default), the
+    tokenizer (with the SentencePiece ``tokenizer.model`` copied from ``tokenizer_source`` where it
+    has one: LLaVA loads tokenizers with ``use_fast=False``); the tower goes to ``out/vision_tower``
+    in CLIP's hub layout, and ``mm_vision_tower`` names that folder's absolute path, or
+    ``vision_tower`` when given: the tower's source (e.g. its hub id), which LLaVA then loads in its
+    place, so name it only for a tower that did not train.
 
     Raises:
         ModelBuildError: the model's settings have no original-layout equivalent.
@@ -283,11 +296,17 @@ def export_original(model: Any, processor: Any, out: str, vision_tower: str | No
                 mm_projector_type="mlp2x_gelu" if act == "gelu" else "linear",
                 mm_vision_select_layer=cfg.vision_feature_layer,
                 mm_vision_select_feature="patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
-                image_aspect_ratio="pad", mm_use_im_start_end=False, mm_use_im_patch_token=False,
+                image_aspect_ratio=image_aspect_ratio, mm_use_im_start_end=False, mm_use_im_patch_token=False,
                 mm_patch_merge_type="flat", use_mm_proj=True, tune_mm_mlp_adapter=False, freeze_mm_mlp_adapter=False,
-                tokenizer_padding_side="right", tokenizer_model_max_length=2048, use_cache=True)
+                tokenizer_padding_side="right", tokenizer_model_max_length=model_max_length, use_cache=True)
+    rope = text.pop("rope_parameters", None) or {}  # transformers 5's form; LLaVA's (4.3x) reads these two
+    text["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        text["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     text.pop("dtype", None)
     text["torch_dtype"] = str(next(lm.parameters()).dtype).removeprefix("torch.")
     (root / "config.json").write_text(json.dumps(text, indent=2) + "\n")
     processor.tokenizer.save_pretrained(root)
+    if tokenizer_source and (Path(tokenizer_source) / "tokenizer.model").exists():
+        shutil.copy(Path(tokenizer_source) / "tokenizer.model", root / "tokenizer.model")
     return str(root)

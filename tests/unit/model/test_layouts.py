@@ -69,6 +69,7 @@ def _original_checkpoint(tmp_path, seed=5):
                   mm_use_im_patch_token=False, mm_patch_merge_type="flat", tune_mm_mlp_adapter=False)
     (ckpt / "config.json").write_text(json.dumps(config))
     processor.tokenizer.save_pretrained(ckpt)
+    torch.save({"not": "weights"}, ckpt / "training_args.bin")  # HF Trainer leaves one in every output folder
     return ckpt, model, processor, projector
 
 
@@ -121,6 +122,7 @@ def test_export_to_the_original_layout_and_back_keeps_the_logits(tmp_path, proje
     config = json.loads((tmp_path / "orig" / "config.json").read_text())
     assert config["architectures"] == ["LlavaLlamaForCausalLM"] and config["mm_projector_type"] == projector_type
     assert config["mm_vision_select_layer"] == -2 and config["mm_vision_select_feature"] == "patch"
+    assert config["rope_theta"] == 10000.0 and "rope_parameters" not in config  # the fields LLaVA's transformers reads
     with safe_open(str(tmp_path / "orig" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" in keys and "model.layers.0.self_attn.q_proj.weight" in keys
