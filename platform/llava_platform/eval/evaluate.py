@@ -19,7 +19,7 @@ from typing import Any
 from llava_platform import storage
 from llava_platform.config.schema import EvalJobConfig, JudgeConfig, ModelSpec, StorageConfig
 from llava_platform.eval.generate import EvalError, generate_answers, read_jsonl, read_questions
-from llava_platform.eval.judge import JudgeSummary, read_rules, review_answers
+from llava_platform.eval.judge import JudgeSummary, read_rules, review_answers, rule_for
 from llava_platform.eval.scoring import Scores, first_answer, score_answers
 
 ANSWER_FIELDS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
@@ -121,14 +121,19 @@ def answer_key(rows: list[dict[str, Any]], questions: list[dict[str, Any]], uri:
     ``answers_gpt4.jsonl``), the category from the row or else from the question file.
 
     Raises:
-        EvalError: the key covers no asked question, or a row has no answer.
+        EvalError: the key covers no asked question, a row has no ``question_id`` or no answer, or
+            a question id appears twice (e.g. POPE's split files concatenated with clashing ids).
     """
     asked = {str(q["question_id"]): q for q in questions}
     key: dict[str, dict[str, Any]] = {}
-    for row in rows:
+    for n, row in enumerate(rows, 1):
+        if "question_id" not in row:
+            raise EvalError(f"the answer key {uri} row {n} has no `question_id`")
         qid = str(row["question_id"])
         if qid not in asked:
             continue
+        if qid in key:
+            raise EvalError(f"the answer key {uri} has question_id {qid} twice (row {n})")
         found = next((f for f in ANSWER_KEY_FIELDS if row.get(f) is not None), None)
         if found is None:
             raise EvalError(f"the answer key {uri} has no `answer` (nor `label`, `text`) for question {qid}")
@@ -166,6 +171,12 @@ def _judge(judge: JudgeConfig, st: StorageConfig, questions: list[dict[str, Any]
         qid = str(a["question_id"])
         if qid in key:
             ref = key[qid]
+            image = by_id[qid].get("image")
+            if contexts is not None and str(image) not in contexts:  # LLaVA's script stops here too
+                raise EvalError(f"judge.context has no entry for image {image!r} (question {qid})")
+            if rules is not None and rule_for(rules, ref["category"]) is None:
+                raise EvalError(f"judge.rules has no rule for category {ref['category']!r} (llava_bench_"
+                                f"{ref['category']}, {ref['category']} or default)")
             items.append({"question_id": a["question_id"], "category": ref["category"], "question": by_id[qid]["text"],
                           "image": by_id[qid].get("image"), "reference": first_answer(ref), "answer": a["text"],
                           "answer1_id": ref.get("answer_id", a["question_id"]), "answer2_id": a["answer_id"]})

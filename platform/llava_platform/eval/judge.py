@@ -45,23 +45,26 @@ def review_prompt(question: str, reference: str, answer: str, context: str = "",
 
 def context_text(entry: Mapping[str, Any] | None) -> str:
     """An image's context from a LLaVA context file row: its captions (``caption`` in LLaVA-Bench's
-    ``context.jsonl``, ``captions`` in COCO's), then ``category: bbox`` per instance where present."""
+    ``context.jsonl``, ``captions`` in COCO's), then, after a blank line, ``category: bbox`` per
+    instance where present (as ``eval_gpt_review_visual.py`` lays them out)."""
     if not entry:
         return ""
     captions = entry.get("caption", entry.get("captions", []))
-    lines = [captions] if isinstance(captions, str) else [str(c) for c in captions]
-    lines += [f"{i['category']}: {i['bbox']}" for i in entry.get("instances", []) if "category" in i and "bbox" in i]
-    return "\n".join(lines)
+    text = captions if isinstance(captions, str) else "\n".join(str(c) for c in captions)
+    boxes = [f"{i['category']}: {i['bbox']}" for i in entry.get("instances", []) if "category" in i and "bbox" in i]
+    return text + ("\n\n" + "\n".join(boxes) if boxes else "")
 
 
-def rule_for(rules: Mapping[str, Any] | None, category: str) -> tuple[str, str]:
+def rule_for(rules: Mapping[str, Any] | None, category: str) -> tuple[str, str] | None:
     """``(role, prompt)`` for a question category from LLaVA's rule file (key ``llava_bench_<category>``,
-    then ``<category>``, then ``default``), else our default rule."""
-    if rules:
-        for key in (f"llava_bench_{category}", category, "default"):
-            if key in rules:
-                return str(rules[key].get("role", ROLE)), str(rules[key]["prompt"])
-    return ROLE, DEFAULT_RULE
+    then ``<category>``, then ``default``); None when a rule file has none of them; our default
+    rule when there is no rule file."""
+    if not rules:
+        return ROLE, DEFAULT_RULE
+    for key in (f"llava_bench_{category}", category, "default"):
+        if key in rules:
+            return str(rules[key].get("role", ROLE)), str(rules[key]["prompt"])
+    return None
 
 
 _SCORES = re.compile(r"^\s*\(?\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*[,\s]\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*\)?\s*$")
@@ -133,7 +136,9 @@ class JudgeSummary:
 
     def table(self) -> str:
         """Per category and ``all``, as LLaVA's ``summarize_gpt_review.py`` prints them: the relative
-        score, then the reference's and the model's mean scores x10 (one decimal)."""
+        score, then the reference's and the model's mean scores x10 (one decimal). Over parsed reviews
+        only: LLaVA's script would average the ``[-1, -1]`` of unparsed ones in (their count is in
+        the metrics, ``judge.unparsed``)."""
         lines = ["| category | reviews | relative score | reference x10 | model x10 |", "| --- | ---: | ---: | ---: | ---: |"]
         for cat in ["all", *sorted({r.category for r in self.parsed})]:
             means = self._means(None if cat == "all" else cat)
@@ -163,7 +168,7 @@ def review_answers(items: Sequence[Mapping[str, Any]], base_url: str, model: str
 
     def one(item: Mapping[str, Any]) -> Review:
         category = str(item.get("category", "all"))
-        role, rule = rule_for(rules, category)
+        role, rule = rule_for(rules, category) or (ROLE, DEFAULT_RULE)
         context = context_text((contexts or {}).get(str(item.get("image", ""))))
         prompt = review_prompt(str(item["question"]).strip(), str(item["reference"]).strip(),
                                str(item["answer"]).strip(), context, rule, role)

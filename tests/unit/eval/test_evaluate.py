@@ -88,6 +88,26 @@ def test_the_answer_key_reads_llavas_pope_labels_and_gpt4_references():
         "1": ("no", "adversarial"), "2": ("A dog on a sofa.", "conv"), "3": ("red", "colour")}
     with pytest.raises(EvalError, match=r"no `answer` \(nor `label`, `text`\) for question 2"):
         answer_key([{"question_id": 2, "answer_id": "a"}], questions, "key.jsonl")
+    with pytest.raises(EvalError, match="question_id 1 twice"):  # e.g. POPE split files with clashing ids
+        answer_key([{"question_id": 1, "label": "no"}, {"question_id": 1, "label": "yes"}], questions, "key.jsonl")
+    with pytest.raises(EvalError, match="row 1 has no `question_id`"):
+        answer_key([{"label": "no"}], questions, "key.jsonl")
+
+
+def test_the_judge_refuses_a_context_or_rule_file_that_misses_a_question():
+    # eval_gpt_review_bench.py fails on a missing image context (KeyError) or rule (assert); so do we,
+    # naming what is missing, before any judge call.
+    from llava_platform.config.schema import JudgeConfig
+    from llava_platform.eval.evaluate import _judge
+
+    questions = [{"question_id": 1, "text": "What is it?", "image": "001.jpg", "category": "conv"}]
+    key = {"1": {"answer": "A cat.", "category": "conv"}}
+    answers = [{"question_id": 1, "text": "A dog.", "answer_id": "a1"}]
+    judge = JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m")
+    with pytest.raises(EvalError, match="no entry for image '001.jpg'"):
+        _judge(judge, None, questions, key, answers, {"002.jpg": {"caption": "x"}}, None)
+    with pytest.raises(EvalError, match="no rule for category 'conv'"):
+        _judge(judge, None, questions, key, answers, None, {"llava_bench_detail": {"prompt": "p"}})
 
 
 def test_model_ids_and_lineage(tmp_path):

@@ -33,11 +33,11 @@ def test_context_and_rules_from_llavas_files():
     assert context_text({"image": "001.jpg", "caption": "A cat.\nOn a mat."}) == "A cat.\nOn a mat."
     coco = {"image": "x.jpg", "captions": ["A dog.", "A brown dog."],
             "instances": [{"category": "dog", "bbox": [0.1, 0.2, 0.3, 0.4]}]}
-    assert context_text(coco) == "A dog.\nA brown dog.\ndog: [0.1, 0.2, 0.3, 0.4]"
+    assert context_text(coco) == "A dog.\nA brown dog.\n\ndog: [0.1, 0.2, 0.3, 0.4]"
     rules = read_rules(json.dumps({"llava_bench_conv": {"role": "Assistant", "prompt": "conv rule"},
                                    "default": {"role": "Helper", "prompt": "other"}}).encode())
     assert rule_for(rules, "conv") == ("Assistant", "conv rule") and rule_for(rules, "detail") == ("Helper", "other")
-    assert rule_for(None, "conv")[0] == "Assistant"
+    assert rule_for(None, "conv")[0] == "Assistant" and rule_for({"llava_bench_conv": rules["llava_bench_conv"]}, "x") is None
     with pytest.raises(ValueError, match="rule.json"):
         read_rules(b'{"x": 1}')
 
