@@ -178,7 +178,7 @@ def _judge(judge: JudgeConfig, st: StorageConfig, questions: list[dict[str, Any]
                 raise EvalError(f"judge.rules has no rule for category {ref['category']!r} (llava_bench_"
                                 f"{ref['category']}, {ref['category']} or default)")
             items.append({"question_id": a["question_id"], "category": ref["category"], "question": by_id[qid]["text"],
-                          "image": by_id[qid].get("image"), "reference": first_answer(ref), "answer": a["text"],
+                          "image": image, "reference": first_answer(ref), "answer": a["text"],
                           "answer1_id": ref.get("answer_id", a["question_id"]), "answer2_id": a["answer_id"]})
     api_key = judge.api_key.get_secret_value() if judge.api_key else os.environ.get("OPENAI_API_KEY")
     return review_answers(items, judge.base_url, judge.model, api_key, max_tokens=judge.max_tokens,
@@ -222,9 +222,10 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
     blind = [r for r in rows if r["mode"] == "blind"] if cfg.blind_baseline else None
     errors = [r for r in rows if r["error"]]
     scores = score_answers(answers, key, blind, cfg.yes_no_categories, cfg.yes_no_parsing) if key else None
+    records = answer_records(answers, questions)  # what answers.jsonl holds, and what the judge reviews
     judge = None
     if cfg.judge is not None and key:
-        judge = _judge(cfg.judge, st, questions, key, answer_records(answers, questions), *judged_with)
+        judge = _judge(cfg.judge, st, questions, key, records, *judged_with)
 
     with tempfile.TemporaryDirectory() as tmp:
         # Every output is written once, here; the same directory goes to output_dir and to MLflow.
@@ -235,7 +236,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
             with open(os.path.join(local, name), "wb") as f:
                 f.write(data)
 
-        put("answers.jsonl", _jsonl(answer_records(answers, questions)))
+        put("answers.jsonl", _jsonl(records))
         if blind is not None:
             put("answers_blind.jsonl", _jsonl(answer_records(blind, questions)))
         if errors:
