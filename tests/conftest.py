@@ -167,10 +167,14 @@ def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     os.environ["RAY_TMPDIR"] = temp_dir  # Ray writes its address file here, not in /tmp/ray
     os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
+    metrics_port = free_port()
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 4, "include_dashboard": False, "temp_dir": temp_dir},
+        # Metrics reach the Prometheus endpoint every 2 s (Ray's default: 10 s), so the metrics test is quick.
+        head_node_args={"num_cpus": 4, "include_dashboard": False, "temp_dir": temp_dir,
+                        "metrics_export_port": metrics_port, "_system_config": {"metrics_report_interval_ms": 2000}},
     )
+    cluster.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # the head node's Prometheus endpoint
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()

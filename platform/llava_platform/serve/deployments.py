@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llava_platform.config.schema import ModelSpec, ServeConfig
 from llava_platform.data.images import Decoding
 from llava_platform.serve import inputs, web
+from llava_platform.serve.metrics import EncoderMetrics, GatewayMetrics, LanguageModelMetrics
 from llava_platform.serve.engine import (DecodeRequest, Decoder, ImageEncoderCore, ImageSpec, StepOutput,
                                          drop_modules, load_for_serving)
 from llava_platform.serve.protocol import (ApiError, chunk_body, completion_body, completion_id, models_body,
@@ -97,6 +98,8 @@ class VisionEncoder:
         self.cache_size = args.encoder_cache_size
         self.inflight: dict[str, asyncio.Future] = {}
         self.counts = {"requests": 0, "encoded": 0, "cache_hits": 0, "batches": 0}
+        self.metrics = EncoderMetrics(args.model_name)
+        self.cache_bytes = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self.health = _Unhealthy()
         self._encode_batch.set_max_batch_size(args.encoder_batch_size)
@@ -107,29 +110,38 @@ class VisionEncoder:
         self.counts["requests"] += 1
         if key in self.cache:
             self.counts["cache_hits"] += 1
+            self.metrics.hits.inc()
             self.cache.move_to_end(key)
             return self.cache[key]
         if key in self.inflight:  # the same image is being encoded for another request
             self.counts["cache_hits"] += 1
+            self.metrics.hits.inc()
             return await asyncio.shield(self.inflight[key])
+        self.metrics.misses.inc()
         future = asyncio.ensure_future(self._encode_batch(pixels))
         self.inflight[key] = future
         try:
             feats = await asyncio.shield(future)
         finally:
             self.inflight.pop(key, None)
-        if self.cache_size:
+        if self.cache_size and key not in self.cache:
             self.cache[key] = feats
+            self.cache_bytes += feats.nbytes
             while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+                self.cache_bytes -= self.cache.popitem(last=False)[1].nbytes
+            self.metrics.cache_size(len(self.cache), self.cache_bytes)
         return feats
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         self.counts["batches"] += 1
         self.counts["encoded"] += len(images)
+        started = time.monotonic()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, self.core, images)
+            feats = await asyncio.get_running_loop().run_in_executor(self.pool, self.core, images)
+            self.metrics.encoded.inc(len(images))
+            self.metrics.latency.observe(time.monotonic() - started)
+            return feats
         except Exception as e:
             self.health.reason = f"vision encoder failed: {type(e).__name__}: {e}"
             raise
@@ -161,6 +173,7 @@ class LanguageModel:
         self.waiting: list[tuple[list[tuple[DecodeRequest, list[torch.Tensor]]], asyncio.Queue]] = []
         self.driver: asyncio.Task | None = None
         self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch": 0, "cancelled": 0, "errors": 0}
+        self.metrics = LanguageModelMetrics(args.model_name)
         self.health = _Unhealthy()
         self._decode_batch.set_max_batch_size(args.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
@@ -173,15 +186,28 @@ class LanguageModel:
         """
         self.decoder.check(request, features)
         self.counts["requests"] += 1
-        finished = False
+        request.received = time.monotonic()
+        # Times are measured from the request's arrival at the Gateway (its wall clock, sent along).
+        since_arrival = max(time.time() - request.arrival, 0.0) if request.arrival else 0.0
+        origin = request.received - since_arrival
+        reason, tokens, first, last = "cancelled", 0, None, None
         try:
             async for out in self._decode_batch((request, list(features))):
-                finished = out.finish_reason is not None
+                if out.completion_tokens > tokens:
+                    last = time.monotonic() - origin
+                    first = last if first is None else first
+                    tokens = out.completion_tokens
+                if out.finish_reason is not None:
+                    reason = out.finish_reason
                 if out.text or out.finish_reason:
                     yield out
+        except Exception:
+            reason = "error"
+            raise
         finally:
-            if not finished:  # the caller went away (client disconnected, Stop pressed): free the row
+            if reason == "cancelled":  # the caller went away (client disconnected, Stop pressed): free the row
                 request.cancelled = True
+            self.metrics.finish(reason, len(request.input_ids), tokens, first, last)
 
     async def complete(self, request: DecodeRequest, *features: torch.Tensor) -> StepOutput:
         """One request's whole output in one reply (no per-token messages between replicas)."""
@@ -231,6 +257,7 @@ class LanguageModel:
                     groups[gid] = {"queue": queue, "n": len(items), "done": 0}
                     admitted.append(gid)
                     for k, (req, feat) in enumerate(items):
+                        self.metrics.queue_wait.observe(time.monotonic() - req.received)
                         reqs.append(req)
                         feats.append(feat)
                         tags.append((gid, k))
@@ -254,8 +281,11 @@ class LanguageModel:
                 batch = None
                 continue
             lists: dict[int, list[Any]] = {}
+            self.metrics.batch_rows.observe(len(outs))
             for (gid, k), out in outs:
                 self.counts["cancelled"] += out.finish_reason == "cancelled"
+                if out.finish_reason == "cancelled":
+                    self.metrics.cancelled.inc()
                 self.counts["errors"] += out.finish_reason == "error"
                 group = groups[gid]
                 lists.setdefault(gid, [StopIteration] * group["n"])[k] = out
@@ -274,11 +304,45 @@ class LanguageModel:
         self.health.check()
 
 
+class ObserveRequests:
+    """ASGI middleware: each HTTP request's route (the matched path template, ``unmatched`` for
+    none), method, status code and end-to-end time (to the response's last byte, so a stream counts
+    until it ends) go to the Gateway's metrics (``app.state.metrics``)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        metrics = getattr(scope["app"].state, "metrics", None) if scope["type"] == "http" else None
+        if metrics is None:
+            return await self.app(scope, receive, send)
+        started, status = time.monotonic(), [500]
+
+        async def observed_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:  # also when the client went away mid-stream
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.request(route, scope["method"], status[0], time.monotonic() - started)
+
+
 api = FastAPI(title="llava-platform", docs_url=None, redoc_url=None, openapi_url=None)
+api.add_middleware(ObserveRequests)
+
+
+def _count_error(request: Request, err: ApiError) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.error(err.code)
 
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    _count_error(request, exc)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
@@ -286,6 +350,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=str(exc.status_code))
+    _count_error(request, err)
     return JSONResponse(err.body(), status_code=exc.status_code)
 
 
@@ -296,6 +361,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     err = ApiError(500, f"the server failed to handle the request ({type(exc).__name__}); see the Gateway log",
                    code="internal_error")
+    _count_error(request, err)
     return JSONResponse(err.body(), status_code=500)
 
 
@@ -347,6 +413,7 @@ class Gateway:
         self._api_key = api_key(args)
         self.http = httpx.AsyncClient(timeout=10.0)
         self.created = int(time.time())
+        self.metrics = api.state.metrics = GatewayMetrics(args.model_name)
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
@@ -445,6 +512,7 @@ class Gateway:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
+        arrival = time.time()
         self._authorize(request)
         chat = await asyncio.to_thread(parse_request, await self._body(request))
         if chat.model != self.model_name:
@@ -453,7 +521,8 @@ class Gateway:
         stops = chat.stop_strings()
         images = await inputs.load_images(chat, self.spec, self.limits, self.http)
         prompt = await asyncio.to_thread(self.prompts.build, chat, images)  # tokenizing: off the loop
-        req = DecodeRequest(prompt.input_ids, prompt.max_new_tokens, chat.temperature, chat.top_p, chat.seed, stops)
+        req = DecodeRequest(prompt.input_ids, prompt.max_new_tokens, chat.temperature, chat.top_p, chat.seed, stops,
+                            arrival=arrival)
         cid, created, n_prompt = completion_id(), int(time.time()), len(prompt.input_ids)
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -481,9 +550,11 @@ class Gateway:
                 delta = {"content": out.text} if out.text else {}
                 yield event(chunk_body(cid, self.model_name, created, delta, out.finish_reason))
         except ApiError as e:
+            self.metrics.error(e.code)
             yield event(e.body())
         except Exception as e:  # the status line is already sent: report in the stream
             logger.exception("stream failed")
+            self.metrics.error("internal_error")
             yield event(ApiError(500, f"generation failed: {type(e).__name__}", code="internal_error").body())
         if include_usage:
             yield event(chunk_body(cid, self.model_name, created, None, usage_counts=usage(n_prompt, n_completion)))

@@ -116,6 +116,8 @@ class DecodeRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     cancelled: bool = False
+    arrival: float | None = None  # time.time() when the request reached the Gateway (metrics)
+    received: float = 0.0  # time.monotonic() when the decoding replica got it (metrics)
 
 
 @dataclass
