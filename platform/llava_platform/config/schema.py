@@ -216,6 +216,9 @@ class TrainConfig(StrictModel):
     num_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(3, ge=-1)
     logging_steps: int = Field(1, gt=0)
+    # Peak dense FLOP/s of one device, in TFLOP/s, for MFU. None: looked up for known GPUs in bf16/fp16
+    # (train/flops.py); on CPU, in fp32 or on other GPUs MFU is reported only when this is set.
+    peak_tflops: float | None = Field(None, gt=0)
     seed: int = 42
 
     @model_validator(mode="after")
@@ -248,6 +251,9 @@ class TrackingConfig(StrictModel):
     artifact_location: str | None = None
     # Register the final export as a new version of this model; None skips registration.
     registered_model_name: str | None = None
+    # MLflow system metrics (CPU, memory, GPU utilisation and memory) from each node's first worker,
+    # sampled every this many seconds; None turns them off.
+    system_metrics_interval_s: float | None = Field(10.0, gt=0)
 
 
 class ServeConfig(ImageDecoding):

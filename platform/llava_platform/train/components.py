@@ -124,7 +124,8 @@ def _run(cfg: ComponentsJobConfig, component: str, dataset, records: int, out_di
     run_id = start_run(cfg.tracking, uri, run, cfg.storage_path,
                        {"llava_platform.world": cfg.world, "llava_platform.fingerprint": key}, cfg.storage)
     fit(component, run, dataset, total, cfg.storage_path, cfg.storage,
-        {"tokenizer_dir": tokenizer_dir, "tracking_uri": uri, "mlflow_run_id": run_id, "output_path": out_dir})
+        {"tokenizer_dir": tokenizer_dir, "tracking_uri": uri, "mlflow_run_id": run_id, "output_path": out_dir,
+         "system_metrics_interval_s": cfg.tracking.system_metrics_interval_s})
     seconds = round(time.time() - t0, 1)
     metrics = _final_metrics(uri, run_id)
     _write_info(out_dir, {"fingerprint": key, "component": component, "mlflow_run_id": run_id, "steps": total,

@@ -33,6 +33,9 @@ class TrainState:
     epoch: int = 0
     micro_in_epoch: int = 0  # micro-batches of `epoch` already trained
     samples: int = 0
+    tokens: int = 0  # over all ranks
+    train_seconds: float = 0.0  # wall time of the optimizer steps, over all attempts
+    data_wait_seconds: float = 0.0  # of it, waiting for input (mean over ranks)
 
 
 def rank0_print(msg: str) -> None:
@@ -94,6 +97,44 @@ def _micro_batches(shard, t: TrainConfig, epoch: int) -> Iterator[list[dict[str,
             batch = []
 
 
+class _Timed:
+    """An iterator that counts the seconds spent in its ``next`` calls (:meth:`take` them)."""
+
+    def __init__(self, iterable):
+        self._it = iter(iterable)
+        self.seconds = 0.0
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def _mfu_setup(objective, model, t: TrainConfig):
+    """The micro-batch FLOP counter and one device's peak FLOP/s, or (None, None) with a line saying
+    why MFU is not reported (printed on GPUs only: on CPU it is expected)."""
+    import torch
+
+    from llava_platform.train.flops import peak_flops
+
+    count = objective.flop_counter(model)
+    peak, source = peak_flops(t.precision, t.peak_tflops)
+    if count is None or peak is None:
+        if torch.cuda.is_available():
+            rank0_print(f"[train] MFU not reported: {source if count is not None else 'no FLOP count for this stage'}")
+        return None, None
+    return count, peak
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -105,11 +146,10 @@ def train_loop(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     import torch
-    import torch.distributed as dist
 
     from llava_platform.train.deepspeed_config import build_deepspeed_config
     from llava_platform.train.objectives import make_objective
-    from llava_platform.train.tracking import RunLogger
+    from llava_platform.train.tracking import RunLogger, start_system_metrics, stop_system_metrics
 
     objective = make_objective(config)
     t = objective.train
@@ -122,12 +162,35 @@ def train_loop(config: dict[str, Any]) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
 
     model, counts = objective.build()
+    count_flops, peak = _mfu_setup(objective, model, t)
     optimizer = _setup_optimizer(objective, model)
     scheduler = _setup_scheduler(optimizer, t, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(t, config.get("deepspeed_overrides")))
     logger = (RunLogger(config["tracking_uri"], config["mlflow_run_id"], config.get("tracking_spool"), config.get("storage"))
               if rank == 0 else None)
+    monitor = None  # one system metrics monitor per node, on its first worker
+    if config.get("system_metrics_interval_s") and ctx.get_local_rank() == 0:
+        monitor = start_system_metrics(config["tracking_uri"], config["mlflow_run_id"], f"node_{ctx.get_node_rank()}",
+                                       config["system_metrics_interval_s"])
+    try:
+        _train(objective, engine, scheduler, config, logger, count_flops, peak, counts)
+    finally:
+        if monitor is not None:
+            stop_system_metrics(monitor)
+    if logger is not None:
+        logger.finish()
+
+
+def _train(objective, engine, scheduler, config: dict[str, Any], logger, count_flops, peak, counts) -> None:
+    """Resume, train to ``total_steps``, report the summary, export."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    t = objective.train
+    rank = ray.train.get_context().get_world_rank()
+    total_steps: int = config["total_steps"]
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -145,15 +208,22 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     trace_dir = config.get("trace_dir")  # tests record the ids each step trained on
 
-    t_step, step_loss, step_tokens, step_ids, started = time.time(), 0.0, 0, [], time.time()
+    t_step, started = time.time(), time.time()
+    step_loss, step_tokens, step_wait, step_flops, step_ids = 0.0, 0, 0.0, 0.0, []
     start_step = state.step
     while state.step < total_steps:
         micro = 0
-        for rows in _micro_batches(shard, t, state.epoch):
+        # Data wait: the time a step spends getting its input, rows from the shard and collation.
+        rows_in = _Timed(_micro_batches(shard, t, state.epoch))
+        for rows in rows_in:
             if micro < state.micro_in_epoch:
                 micro += 1
                 continue
+            collate_start = time.perf_counter()
             batch = objective.collate(rows, engine.device)
+            step_wait += rows_in.take() + time.perf_counter() - collate_start
+            if count_flops is not None:
+                step_flops += count_flops(batch)
             loss = objective.loss(engine, batch)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -170,7 +240,8 @@ def train_loop(config: dict[str, Any]) -> None:
             # Every rank measures its probe on the same steps: the reduction below is collective.
             probes = objective.probe(engine, batch) if log_now else {}
             names = sorted(probes)
-            stats = torch.tensor([step_loss, float(step_tokens), *(probes[k] for k in names)], dtype=torch.float64)
+            stats = torch.tensor([step_loss, float(step_tokens), step_wait, step_flops,
+                                  *(probes[k] for k in names)], dtype=torch.float64)
             dist.all_reduce(stats)
             elapsed = time.time() - t_step
             world = dist.get_world_size()
@@ -180,12 +251,18 @@ def train_loop(config: dict[str, Any]) -> None:
                 "samples_per_s": t.global_batch_size / elapsed,
                 "tokens_per_s": stats[1].item() / elapsed,
                 "step_time_s": elapsed,
-                **{k: stats[2 + i].item() / world for i, k in enumerate(names)},
+                "data_wait_s": stats[2].item() / world,
+                **{k: stats[4 + i].item() / world for i, k in enumerate(names)},
             }
+            if peak is not None:
+                metrics["mfu"] = stats[3].item() / (elapsed * world * peak)
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
             state.samples += t.global_batch_size
+            state.tokens += int(stats[1].item())
+            state.train_seconds += elapsed
+            state.data_wait_seconds += metrics["data_wait_s"]
             if trace_dir:
                 with open(os.path.join(trace_dir, f"rank{rank}.jsonl"), "a") as f:
                     f.write(json.dumps({"step": state.step, "ids": step_ids}) + "\n")
@@ -193,12 +270,15 @@ def train_loop(config: dict[str, Any]) -> None:
                 logger.metrics(metrics, state.step)
                 eta = (time.time() - started) / (state.step - start_step) * (total_steps - state.step)
                 probe = "".join(f" | {k} {metrics[k]:.4f}" for k in names)
+                mfu = f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
                 rank0_print(f"[train] step {state.step}/{total_steps} | loss {metrics['loss']:.4f}{probe}"
                             f" | lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.1f} samples/s"
+                            f" | data wait {metrics['data_wait_s']:.2f}s{mfu}"
                             f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
             if state.step % t.save_steps == 0 or state.step == total_steps:
                 _save_checkpoint(engine, state, metrics, rank, logger)
-            t_step, step_loss, step_tokens, step_ids = time.time(), 0.0, 0, []
+            t_step = time.time()
+            step_loss, step_tokens, step_wait, step_flops, step_ids = 0.0, 0, 0.0, 0.0, []
             if state.step >= total_steps:
                 break
         else:
@@ -207,7 +287,24 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
         break
 
+    _summary(state, start_step, logger)
     _export(engine, objective, config, rank, logger)
+
+
+def _summary(state: TrainState, start_step: int, logger) -> None:
+    """Rank 0: the run's figures as one line and, in MLflow, the table ``summary.json``."""
+    if logger is None:
+        return
+    rows = {
+        "steps": state.step, "samples": state.samples, "tokens": state.tokens,
+        "train_time_s": round(state.train_seconds, 2),
+        "samples_per_s": round(state.samples / state.train_seconds, 3) if state.train_seconds else None,
+        "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
+        "data_wait_s": round(state.data_wait_seconds, 2),
+        "steps_this_attempt": state.step - start_step,
+    }
+    logger.table({k: [v] for k, v in rows.items()}, "summary.json")
+    rank0_print("[train] summary: " + ", ".join(f"{k} {v}" for k, v in rows.items()))
 
 
 def _save_checkpoint(engine, state: TrainState, metrics: dict[str, float], rank: int, logger) -> None:
@@ -267,4 +364,3 @@ def _export(engine, objective, config: dict[str, Any], rank: int, logger) -> Non
                 version = logger.register(registered, source, desc)
                 if version is not None:
                     logger.tag("registered_model_version", f"{registered}/{version}")
-            logger.finish()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -53,6 +53,10 @@ class Objective(ABC):
     def probe(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Extra metrics measured on a micro-batch without training on it (default: none)."""
         return {}
+
+    def flop_counter(self, model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], float] | None:
+        """Model FLOPs of training on a collated micro-batch, for MFU (default: not known, no MFU)."""
+        return None
 
     def fresh_model(self) -> torch.nn.Module:
         """A new full-size model on rank 0 to receive gathered ZeRO-3 weights (default: ``build``)."""
@@ -122,6 +126,11 @@ class LlavaObjective(Objective):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         return model, counts
+
+    def flop_counter(self, model):
+        from llava_platform.train.flops import LlavaFlops
+
+        return LlavaFlops.of(model).batch
 
     def param_groups(self, model):
         t = self.train

@@ -195,6 +195,14 @@ class RunLogger:
         self.pending_tags[key] = value
         self._flush()
 
+    def table(self, rows: dict[str, list[Any]], artifact_file: str) -> None:
+        """A table on the run's page (MLflow's ``log_table``: columns of equal length)."""
+        try:
+            self.client.log_table(self.run_id, data=rows, artifact_file=artifact_file)
+        except Exception as e:  # noqa: BLE001
+            self._failed(f"table {artifact_file}", e)
+            self.not_logged.append(f"table {artifact_file}")
+
     def artifacts(self, local_dir: str, artifact_path: str) -> str | None:
         """The artifacts' URI, or None when the server could not take them (noted in the report)."""
         try:
@@ -252,6 +260,37 @@ class RunLogger:
                 line += f"; could not keep them either ({e})"
         print(line, flush=True)
         return line
+
+
+def start_system_metrics(uri: str, run_id: str, node_id: str, interval_s: float) -> Any | None:
+    """Start MLflow's system metrics monitor for this node (CPU, memory, disk, network; GPU
+    utilisation and memory where NVML finds GPUs), logged as ``system/<node_id>/<metric>`` every
+    ``interval_s`` seconds, continuing the step count of an earlier attempt. Returns the monitor
+    (call ``finish()``), or None, with one line saying why, when it cannot start: it is an observer."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, node_id=node_id, tracking_uri=uri,
+                                       resume_logging=True)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001
+        print(f"[train] tracking: no system metrics from {node_id} ({type(e).__name__}: {str(e)[:200]})", flush=True)
+        return None
+
+
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop a monitor from :func:`start_system_metrics`, logging the samples it took since its last
+    report (MLflow's ``finish`` drops them: a run shorter than one interval would log none)."""
+    try:
+        monitor.finish()
+        last = monitor.aggregate_metrics()
+        if last:
+            monitor.publish_metrics(last)
+            monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001
+        print(f"[train] tracking: the last system metrics were not logged ({type(e).__name__}: {str(e)[:200]})",
+              flush=True)
 
 
 def replay_unlogged(uri: str, run_id: str, spool: str, storage_config: Any = None) -> int:

@@ -177,7 +177,7 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
         ckpt = fit("llava", job, dataset, total_steps, job.storage_path, job.storage, {
             "image_size": manifest["sample_spec"]["image_size"], "template": manifest["template"],
             "tracking_uri": uri, "mlflow_run_id": run_id,
-            "parent_run_id": parent, "output_path": job.output_path,
+            "system_metrics_interval_s": job.tracking.system_metrics_interval_s, "parent_run_id": parent, "output_path": job.output_path,
             "registered_model_name": job.tracking.registered_model_name}, deepspeed_overrides, trace_dir)
     except BaseException as e:  # failed, or interrupted: the MLflow run says so (a re-run resumes it)
         from llava_platform.train.tracking import mark_failed

@@ -74,7 +74,9 @@ def trace(trace_dir: Path) -> dict[int, list[str]]:
 def stage1(prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("s1")
     (root / "trace").mkdir()
-    j = job(root, "stage1", "pretrain", prepared / "pretrain", ["model.preset=tiny"], **{"train.zero_stage": 2})
+    # A peak of 1 GFLOP/s makes the loop report MFU on CPU; system metrics every second.
+    j = job(root, "stage1", "pretrain", prepared / "pretrain", ["model.preset=tiny"],
+            **{"train.zero_stage": 2, "train.peak_tflops": 0.001, "tracking.system_metrics_interval_s": 1})
     return root, j, run_training(j, trace_dir=str(root / "trace"))
 
 
@@ -154,6 +156,38 @@ def test_mlflow_lineage_and_registry(stage1, stage2):
     assert r2.mlflow_run_id in versions[r2.mlflow_run_id].description
     info = json.loads((Path(j2.output_path) / "training_info.json").read_text())
     assert info["parent_mlflow_run_id"] == r1.mlflow_run_id and info["steps"] == STEPS
+
+
+def test_run_page_has_data_wait_mfu_system_metrics_and_a_summary(stage1, stage2):
+    from mlflow.tracking import MlflowClient
+
+    _, j1, r1 = stage1
+    _, _, r2 = stage2
+    client = MlflowClient(r1.tracking_uri)
+    history = {key: sorted(client.get_metric_history(r1.mlflow_run_id, key), key=lambda m: m.step)
+               for key in ("data_wait_s", "step_time_s", "tokens_per_s", "mfu")}
+    assert [m.step for m in history["data_wait_s"]] == list(range(1, STEPS + 1))
+    for wait, step in zip(history["data_wait_s"], history["step_time_s"]):
+        assert 0 < wait.value < step.value
+    # The tiny model on CPU against a made-up 1 GFLOP/s peak: any positive figure is plausible.
+    assert len(history["mfu"]) == STEPS and all(0 < m.value < math.inf for m in history["mfu"]), history["mfu"]
+    assert "mfu" not in client.get_run(r2.mlflow_run_id).data.metrics  # CPU, no peak given: no MFU
+
+    # One monitor per node, on its first worker: this one-node cluster has node_0 only.
+    system = {k for k in client.get_run(r1.mlflow_run_id).data.metrics if k.startswith("system/")}
+    assert {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes"} <= system
+    assert all(k.startswith("system/node_0/") for k in system), system
+
+    experiment = client.get_run(r1.mlflow_run_id).info.experiment_id
+    summary = client.load_table(experiment, "summary.json", run_ids=[r1.mlflow_run_id])
+    row = summary.iloc[0]
+    assert (row["steps"], row["samples"], row["steps_this_attempt"]) == (STEPS, STEPS * 8, STEPS)
+    # Its figures are the steps' own, added up.
+    tokens = sum(t.value * s.value for t, s in zip(history["tokens_per_s"], history["step_time_s"]))
+    assert row["tokens"] == pytest.approx(tokens, rel=1e-3)
+    assert row["train_time_s"] == pytest.approx(sum(s.value for s in history["step_time_s"]), abs=0.05)
+    assert row["data_wait_s"] == pytest.approx(sum(w.value for w in history["data_wait_s"]), abs=0.05)
+    assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["train_time_s"], rel=1e-2)
 
 
 def test_lora_merge_equals_adapter_outputs():
