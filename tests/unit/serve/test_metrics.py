@@ -23,6 +23,9 @@ IGNORED = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "re
            "otel_scope_schema_url", "otel_scope_version"}
 
 
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts" / "metrics"
+
+
 def scrape(url: str, app: str) -> tuple[dict[tuple, float], set[str]]:
     """Sample values summed over replicas and workers, keyed by (name, sorted labels), for ``app``;
     and every series name on the endpoint."""
@@ -100,6 +103,11 @@ def test_scraped_metrics_match_the_traffic_sent(serve_app, ray_cluster, tiny_mod
             break
         time.sleep(1)
     after, names = settled(url, app)
+    # What an operator would see for this app, kept for reading (test-artifacts/ is not tracked).
+    sample = [line for line in httpx.get(url, timeout=10).text.splitlines()
+              if line.startswith("ray_llava_") and f'application="{app}"' in line]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "scrape.txt").write_text("\n".join(sample) + "\n")
 
     def delta(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
