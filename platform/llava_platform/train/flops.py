@@ -66,6 +66,8 @@ def _numel(p) -> int:
 
 def _count(module, skip: tuple[str, ...] = ()) -> tuple[int, int]:
     total = trainable = 0
+    # PEFT's modules_to_save keeps an untouched copy in `original_module` that the forward never runs.
+    skip = (*skip, "original_module.")
     for name, p in module.named_parameters():
         if p.dim() < 2 or any(s in name for s in skip):  # biases and norms; embeddings are lookups
             continue
@@ -88,8 +90,7 @@ class LlavaFlops:
         """From a LLaVA model (HF ``LlavaForConditionalGeneration``, PEFT-wrapped or not) as it will
         train: ``requires_grad`` says which parts do."""
         parts = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules()
-                 if name.rsplit(".", 1)[-1] in ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
-                 and "modules_to_save" not in name and "original_module" not in name}
+                 if name.rsplit(".", 1)[-1] in ("vision_tower", "multi_modal_projector", "language_model", "lm_head")}
         cfg = model.config
         v, t = cfg.vision_config, cfg.text_config
         patches = (v.image_size // v.patch_size) ** 2 + 1

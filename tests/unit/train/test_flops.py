@@ -52,6 +52,19 @@ def test_stage1_costs_less_than_stage2_by_the_weight_gradients():
     assert f2.step([50], 1) - f1.step([50], 1) == 2 * f2.language.params * 50
 
 
+def test_lora_counts_the_projector_copy_that_trains_once():
+    from llava_platform.config.schema import LoraConfig
+    from llava_platform.train.objectives import apply_lora
+
+    model, _ = build_preset("tiny", seed=0)
+    apply_stage(model, "finetune")
+    plain = LlavaFlops.of(model)
+    wrapped = LlavaFlops.of(apply_lora(model, LoraConfig()))
+    assert wrapped.projector == plain.projector
+    assert wrapped.vision == plain.vision
+    assert wrapped.language.trainable > 0 and wrapped.language.params > plain.language.params  # the adapters run too
+
+
 def test_padding_is_not_counted():
     model, _ = build_preset("tiny", seed=0)
     apply_stage(model, "finetune")
