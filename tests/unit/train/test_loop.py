@@ -297,6 +297,74 @@ def test_against_a_real_mlflow_server(mlflow_server, prepared, tmp_path):
     assert len(runs) == 2  # one MLflow run per training run
 
 
+def test_a_tracking_server_that_dies_mid_run_costs_no_training_and_is_caught_up_later(mlflow_process, prepared,
+                                                                                       tmp_path):
+    """Measured before: an MLflow server that died mid-run failed the run after 642 s, with no
+    export, and left the MLflow run RUNNING. Now the run trains to the end and writes its export; what
+    the server missed is kept in the spool, and a re-run of the same name once the server is back
+    replays it, logs the export and registers it."""
+    from mlflow.tracking import MlflowClient
+
+    from llava_platform.train.tracking import spool_path
+
+    start_mlflow_server, stop_process = mlflow_process
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    proc, log, url = start_mlflow_server(server_root)
+    port = int(url.rsplit(":", 1)[1])
+    j = job(tmp_path, "dying", "pretrain", prepared / "pretrain", ["model.preset=tiny"],
+            **{"train.zero_stage": 2, "tracking.tracking_uri": url, "tracking.experiment": "dying",
+               "tracking.registered_model_name": "llava-dying", "tracking.system_metrics_interval_s": 1})
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = run_training(j)
+        except BaseException as e:  # noqa: BLE001  (reported by the assertion below)
+            outcome["error"] = e
+
+    client = MlflowClient(url)
+    thread = threading.Thread(target=fit)
+    thread.start()
+    logged: list = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and thread.is_alive() and len(logged) < 2:
+            exp = client.get_experiment_by_name("dying")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            logged = client.get_metric_history(runs[0].info.run_id, "loss") if runs else []
+            time.sleep(0.2)
+    finally:
+        stop_process(proc, log)  # the server dies after step 2
+    died_at = max(m.step for m in logged)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert 2 <= died_at < STEPS, f"the server died at step {died_at}"
+    result = outcome["result"]
+    assert result.total_steps == STEPS and (Path(j.output_path) / "model.safetensors").exists()
+    spool = spool_path(j.storage_path, "dying")
+    kept = json.loads(Path(spool).read_text())
+    assert kept["status"] == "FINISHED" and kept["tags"]["last_checkpoint_step"] == str(STEPS)
+    spooled = sorted(s for k, _, _, s in kept["metrics"] if k == "loss")
+    # what reached the server before it went down (it may have taken a step or two after the last
+    # poll) plus what the spool kept is every step, once
+    assert spooled and spooled[0] > died_at and spooled == list(range(spooled[0], STEPS + 1)), spooled
+
+    proc, log, _ = start_mlflow_server(server_root, port)  # back, with the same store
+    try:
+        before = sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss"))
+        assert before == list(range(1, spooled[0])), before
+        again = run_training(j)  # resumes at the end: replays the spool, logs and registers the export
+        assert again.mlflow_run_id == result.mlflow_run_id and not Path(spool).exists()
+        assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == list(
+            range(1, STEPS + 1))
+        run = client.get_run(result.mlflow_run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["registered_model_version"] == "llava-dying/1"
+        assert any(f.path == "export" for f in client.list_artifacts(result.mlflow_run_id))
+    finally:
+        stop_process(proc, log)
+
+
 def test_unknown_mlflow_model_uri_is_a_clear_error(mlflow_server, prepared, tmp_path):
     from llava_platform.errors import ModelBuildError
 
