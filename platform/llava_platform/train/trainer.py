@@ -264,7 +264,35 @@ def fit(objective: str, job, dataset, total_steps: int, storage_path: str, stora
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"training run {name!r} failed: {e}") from e
+    finally:
+        for left in prune_unregistered_checkpoints(arrow_fs, f"{path.rstrip('/')}/{name}"):
+            print(f"[train] removed an incomplete checkpoint folder (never registered): {left}")
     return result.checkpoint.path if result.checkpoint is not None else None
+
+
+def prune_unregistered_checkpoints(fs, run_path: str) -> list[str]:
+    """Remove the checkpoint folders of ``run_path`` that Ray Train never registered, and return them.
+
+    Every worker uploads its shard into the step's folder, and Ray Train registers the checkpoint (in
+    the run's checkpoint-manager snapshot, which resume reads) only once all of them have reported, so
+    a resume never loads a partial one. A full disk, a lost node or a killed driver can still leave the
+    folder of an upload that never completed; it is of no use and only takes space.
+    """
+    import pyarrow.fs as pafs
+    from ray.train import Result
+
+    try:
+        registered = {c.path.rstrip("/").rsplit("/", 1)[-1]
+                      for c, _ in Result.from_path(run_path, storage_filesystem=fs).best_checkpoints}
+    except RuntimeError:  # no run folder, or no snapshot: nothing was ever registered
+        registered = set()
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.base_name not in registered:
+            fs.delete_dir(info.path)
+            removed.append(info.path)
+    return removed
 
 
 def run_stage(job: TrainJobConfig) -> TrainResult:

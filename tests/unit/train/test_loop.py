@@ -4,6 +4,7 @@ and a node failure mid-run that resumes from the last checkpoint on exactly the 
 
 import json
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -269,11 +270,23 @@ def test_node_failure_resumes_from_checkpoint_on_the_same_batches(ray_cluster, p
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
         first = outcome["result"]
+        run_dir = Path(j.storage_path) / j.name
+        registered = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+        assert registered, "no checkpoint was kept"
+        # what a node lost (or a disk filled) during an upload leaves: a newer folder with a truncated
+        # shard and no state; the re-run must neither resume from it nor keep it
+        partial = run_dir / "checkpoint_9999-12-31_23-59-59.999999"
+        shutil.copytree(registered[-1], partial)
+        for f in partial.rglob("*"):
+            if f.is_file():
+                f.write_bytes(f.read_bytes()[:7])
+        (partial / "train_state.json").unlink(missing_ok=True)
         lines_before = sum(1 for f in (tmp_path / "trace").glob("*.jsonl") for _ in f.open())
         again = run_training(j, trace_dir=str(tmp_path / "trace"))
         lines_after = sum(1 for f in (tmp_path / "trace").glob("*.jsonl") for _ in f.open())
         assert lines_after == lines_before  # resumed at the end: no step trained again
         assert again.mlflow_run_id == first.mlflow_run_id  # one MLflow run across retries and re-runs
+        assert not partial.exists() and all(p.exists() for p in registered)
     finally:
         for node in (nodes[1], replacement):
             ray_cluster.remove_node(node)
