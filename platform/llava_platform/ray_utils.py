@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -22,10 +23,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # Ray turns token authentication on for a new local cluster anyway, with a warning on every
-        # start; asking for it explicitly keeps it on and the output clean.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # A new local cluster gets token authentication by default (Ray creates ~/.ray/auth_token when
+        # missing) and a warning that says so on every start. Only the warning is dropped: setting
+        # RAY_AUTH_MODE=token here instead would skip Ray's token creation (its config is read at
+        # import) and the GCS of a fresh machine would abort for want of a token.
+        _quiet_token_auth_notice()
         ray.init(num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", False), **kwargs)
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_token_auth_notice() -> None:
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in log.filters):
+        log.addFilter(_DropTokenAuthNotice())
 
 
 def set_accelerator_env() -> None:
