@@ -28,7 +28,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         # RAY_AUTH_MODE=token here instead would skip Ray's token creation (its config is read at
         # import) and the GCS of a fresh machine would abort for want of a token.
         _quiet_token_auth_notice()
-        ray.init(num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", False), **kwargs)
+        ray.init(num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", True), **kwargs)
 
 
 class _DropTokenAuthNotice(logging.Filter):

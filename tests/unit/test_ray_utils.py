@@ -29,9 +29,12 @@ def test_a_local_start_leaves_token_auth_to_ray_and_drops_only_its_notice(monkey
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(mode=os.environ.get("RAY_AUTH_MODE")))
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(mode=os.environ.get("RAY_AUTH_MODE"),
+                                                             dashboard=kw["include_dashboard"]))
     ray_utils.init_ray(num_cpus=1)
-    assert seen == {"mode": None}
+    # and with the dashboard: Ray Train's placement-group cleaner asks the State API (served by the
+    # dashboard) about the controller every second, and without it printed a warning each time
+    assert seen == {"mode": None, "dashboard": True}
 
     log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     records = [log.makeRecord(log.name, logging.WARNING, __file__, 1, msg, None, None) for msg in (

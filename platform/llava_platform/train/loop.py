@@ -151,6 +151,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from llava_platform.train.objectives import make_objective
     from llava_platform.train.tracking import RunLogger, start_system_metrics, stop_system_metrics
 
+    _quiet_third_party_notices()
     objective = make_objective(config)
     t = objective.train
     ctx = ray.train.get_context()
@@ -305,6 +306,18 @@ def _summary(state: TrainState, start_step: int, logger) -> None:
     }
     logger.table({k: [v] for k, v in rows.items()}, "summary.json")
     rank0_print("[train] summary: " + ", ".join(f"{k} {v}" for k, v in rows.items()))
+
+
+def _quiet_third_party_notices() -> None:
+    """What the worker's libraries print that a user can do nothing about: torch's deprecation of the
+    collective DeepSpeed's ZeRO calls on every step, and MLflow's monitor saying it started, stopped
+    and found no GPU. Their warnings and errors still show."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def _save_checkpoint(engine, state: TrainState, metrics: dict[str, float], rank: int, logger) -> None:

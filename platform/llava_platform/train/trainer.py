@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -281,11 +282,17 @@ def prune_unregistered_checkpoints(fs, run_path: str) -> list[str]:
     import pyarrow.fs as pafs
     from ray.train import Result
 
+    # reading the snapshot back logs, at INFO, a paragraph on resuming from it: not news here
+    manager_log = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = manager_log.level
+    manager_log.setLevel(logging.WARNING)
     try:
         registered = {c.path.rstrip("/").rsplit("/", 1)[-1]
                       for c, _ in Result.from_path(run_path, storage_filesystem=fs).best_checkpoints}
     except RuntimeError:  # no run folder, or no snapshot: nothing was ever registered
         registered = set()
+    finally:
+        manager_log.setLevel(level)
     removed = []
     for info in fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \

@@ -461,3 +461,20 @@ def test_tf32_is_set_on_cuda_only(monkeypatch):
     finally:
         torch.backends.cuda.matmul.fp32_precision = before[0]
         torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = before[1:]
+
+
+def test_worker_silences_only_the_notices_a_user_cannot_act_on():
+    import logging
+    import warnings
+
+    from llava_platform.train.loop import _quiet_third_party_notices
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_third_party_notices()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("`something_else` is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
+    monitor = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    assert not monitor.isEnabledFor(logging.INFO) and monitor.isEnabledFor(logging.WARNING)
