@@ -238,7 +238,9 @@ def resolve_source(uri: str, storage_config: StorageConfig | None = None, weight
         if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
             uri = uri.rstrip("/") + "/export"  # a run's model export
         try:
-            return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+            if weights:
+                return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+            return _download_mlflow_without_weights(uri)
         except Exception as e:  # MlflowException, OSError: both mean "not there"
             raise ModelBuildError(f"cannot download {uri} from MLflow ({mlflow.get_tracking_uri()}): {e}") from e
     if storage.is_remote(uri):
@@ -247,6 +249,32 @@ def resolve_source(uri: str, storage_config: StorageConfig | None = None, weight
         except FileNotFoundError as e:
             raise ModelBuildError(f"nothing found at {uri}") from e
     return uri
+
+
+def _download_mlflow_without_weights(uri: str) -> str:
+    """The files of an MLflow model directory except its weights (a Gateway needs the processor and
+    config, not the 14 GB of a 7B model), in a new local directory."""
+    import tempfile
+
+    import mlflow.artifacts
+
+    root = tempfile.mkdtemp(prefix="llava-model-")
+    pending, found = [""], False
+    while pending:
+        rel = pending.pop()
+        for info in mlflow.artifacts.list_artifacts(artifact_uri=f"{uri.rstrip('/')}/{rel}".rstrip("/")):
+            found = True
+            name = info.path.rsplit("/", 1)[-1]
+            child = f"{rel}/{name}".lstrip("/")
+            if info.is_dir:
+                pending.append(child)
+            elif not name.endswith(WEIGHT_SUFFIXES):
+                dest = os.path.join(root, os.path.dirname(child))
+                os.makedirs(dest, exist_ok=True)
+                mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{child}", dst_path=dest)
+    if not found:
+        raise FileNotFoundError(f"no artifacts at {uri}")
+    return root
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,33 @@ def test_saved_model_reloads_in_plain_transformers_in_another_process(tmp_path, 
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == expected
 
+
+
+def test_processor_from_mlflow_uris_downloads_no_weights(tmp_path, monkeypatch):
+    """The Gateway loads only the processor and config; from ``runs:/`` and ``models:/`` URIs it
+    downloaded the whole export before (weights included: 14 GB for a 7B model)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from llava_platform.model.builder import load_processor, resolve_source
+
+    model, processor = build_preset("tiny")
+    export = tmp_path / "export"
+    save_model(model, processor, str(export))
+    assert (export / "model.safetensors").exists()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(export), "export")
+    MlflowClient(uri).create_registered_model("tiny-llava")
+    MlflowClient(uri).create_model_version("tiny-llava", f"runs:/{run.info.run_id}/export", run.info.run_id)
+
+    for source in (f"runs:/{run.info.run_id}", "models:/tiny-llava/1"):
+        got = load_processor(ModelSpec(checkpoint=source))[1]
+        assert got.to_dict() == model.config.to_dict()
+        local = resolve_source(source, weights=False)
+        names = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
+        expected = {p.relative_to(export).as_posix() for p in export.rglob("*") if p.is_file()}
+        assert names == expected - {"model.safetensors"}, source
+    assert (Path(resolve_source(f"runs:/{run.info.run_id}")) / "model.safetensors").exists()
