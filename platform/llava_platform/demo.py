@@ -43,8 +43,12 @@ WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5, "precision": "fp32", "zero_
 COMPONENT_TRAIN = {
     "vision_tower_train": {**WORKERS, "global_batch_size": 64, "micro_batch_size": 32, "lr": 2e-3,
                            "warmup_steps": 30, "weight_decay": 0.01, "lr_scheduler": "cosine"},
+    # Documents run from 10 to 200 tokens: batched by length (LLaVA's group_by_modality_length), a batch
+    # pads to 1.1x its tokens instead of 2.1x, and the run went from ~60 to ~200 samples/s (measured).
+    # Stage 2 is not grouped: at its global batch of 16, batches of only descriptions or only short
+    # answers cut held-out colour from 78% to 43% and count from 98% to 38% (measured, issue 12).
     "language_model_train": {**WORKERS, "global_batch_size": 32, "micro_batch_size": 16, "lr": 2e-3,
-                             "warmup_steps": 20, "lr_scheduler": "cosine"},
+                             "warmup_steps": 20, "lr_scheduler": "cosine", "group_by_modality_length": True},
 }
 
 

@@ -166,7 +166,8 @@ def encode_document(doc: dict[str, Any], tokenizer: Any, max_length: int) -> dic
     else:
         ids, _ = chat_ids(tokenizer, doc["messages"], chat_template(doc["template"]), with_mask=False)
     ids = ids[:max_length]
-    return {"id": doc["id"], "input_ids": ids, "labels": ids, "length": len(ids)}
+    # has_image (always False) lets the trainer's length grouping (group_by_modality_length) batch these rows.
+    return {"id": doc["id"], "input_ids": ids, "labels": ids, "length": len(ids), "has_image": False}
 
 
 class LanguageRows:
@@ -177,7 +178,7 @@ class LanguageRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [encode_document(json.loads(d), self.tokenizer, self.max_length) for d in batch["doc"]]
-        return {k: [r[k] for r in rows] for k in ("id", "input_ids", "labels", "length")}
+        return {k: [r[k] for r in rows] for k in ("id", "input_ids", "labels", "length", "has_image")}
 
 
 def language_dataset(world: str, tokenizer: Any, max_length: int = 512, num_cpus: float = 0.5, seed: int = 0):

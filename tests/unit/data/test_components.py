@@ -76,6 +76,18 @@ def test_language_documents_replace_the_image_by_its_description(synth_dir, tiny
     assert any("In the picture" in t for t in world_corpus(str(synth_dir)))
 
 
+def test_language_rows_batch_by_length_like_llava_stage_2(synth_dir, tiny_tokenizer):
+    from llava_platform.data.batching import length_grouped_batches
+
+    rows = [encode_document(d, tiny_tokenizer, max_length=512) for d in language_documents(str(synth_dir))]
+    batches = list(length_grouped_batches(rows, 4, group_batches=len(rows)))
+    assert sorted(r["id"] for b in batches for r in b) == sorted(r["id"] for r in rows)
+    # Sorted by length within the buffer: a batch pads to little more than its own rows.
+    spread = [max(r["length"] for r in b) - min(r["length"] for r in b) for b in batches[:-1]]
+    lengths = [r["length"] for r in rows]
+    assert max(spread) < max(lengths) - min(lengths), spread
+
+
 def test_collate_token_rows_pads_right_and_masks_labels():
     out = collate_token_rows([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0)
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
