@@ -544,6 +544,15 @@ class ComponentsJobConfig(StrictModel):
                     data = {**data, key: {**section, "stage": stage}}
         return data
 
+    @model_validator(mode="after")
+    def _tower_batches(self) -> "ComponentsJobConfig":
+        # The tower's rows are images of one size with no `length`: there is nothing to group by (the
+        # worker would fail on the missing column after Ray had started).
+        if self.vision_tower_train.group_by_modality_length:
+            raise ValueError("vision_tower_train.group_by_modality_length: the vision tower's rows are images of "
+                             "one size with no length to group by; leave it false (it applies to language_model_train)")
+        return self
+
     def with_absolute_paths(self) -> "ComponentsJobConfig":
         from llava_platform.storage import absolute, output_location
 

@@ -30,6 +30,15 @@ def test_a_directory_that_is_no_world_is_refused(tmp_path):
         pretrain_components(cfg)
 
 
+def test_grouping_the_towers_rows_by_length_is_refused_by_name(tmp_path):
+    from llava_platform.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match="vision_tower_train.group_by_modality_length.*no length"):
+        load_config(SMOKE, ComponentsJobConfig, [f"world={tmp_path}", "vision_tower_train.group_by_modality_length=true"])
+    assert load_config(SMOKE, ComponentsJobConfig, [f"world={tmp_path}",
+                                                    "language_model_train.group_by_modality_length=true"])
+
+
 def test_components_train_compose_and_are_reused(ray_cluster, synth_dir, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
