@@ -13,6 +13,8 @@
     the same prepared inputs.
 (c) VisionEncoder calls for 100 requests over 10 distinct images (target: 10, the cache).
 (d) Load: 500 requests at concurrency 32; status codes counted, lost requests (no response) counted.
+(e) Memory: each replica's resident set now and at its peak (VmHWM) after (a)-(d); the Gateway, which
+    parses HTTP, decodes images and tokenizes but loads no weights, against the LanguageModel replica.
 
 Every side computes with the same torch thread count (all cores), so the figures compare serving
 designs, not thread settings. Ray gets a logical CPU count larger than the cores so that replicas can
@@ -145,6 +147,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _replica_memory(app: str = "llava") -> dict[str, tuple[float, float]]:
+    """Per Serve deployment of ``app``: (resident MB, peak resident MB) of its replica process, found by
+    the title Ray gives a replica's worker (``ray::ServeReplica:<app>:<deployment>``)."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if f"ServeReplica:{app}:" not in title:
+            continue
+        name = title.split(f"ServeReplica:{app}:", 1)[1].split()[0]
+        status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
+        out[name] = (kb["VmRSS"] / 1024, kb["VmHWM"] / 1024)
+    return out
+
+
 def _row(label: str, r: dict) -> str:
     p50 = statistics.median(r["latencies"]) * 1000 if r["latencies"] else float("nan")
     return f"{label:<38}{r['n'] / r['wall']:>9.2f}{r['tokens'] / r['wall']:>10.1f}{p50:>10.0f}"
@@ -265,6 +284,7 @@ def main() -> None:
         load_bodies = [_body(i, 16, image_seed=2 * 10**7 + i % 50) for i in range(args.load_requests)]
         load = asyncio.run(_drive(url, load_bodies, args.load_concurrency))
         llm_stats = serve.get_deployment_handle("LanguageModel", "llava").stats.remote().result()
+        memory = _replica_memory()
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -305,6 +325,11 @@ def main() -> None:
           f"{load['n'] / load['wall']:.1f} req/s, p50 {statistics.median(load['latencies']) * 1000:.0f} ms, "
           f"p99 {np.percentile(load['latencies'], 99) * 1000:.0f} ms")
     print(f"    LanguageModel replica: {llm_stats}")
+    print("\n(e) replica memory after (a)-(d), resident / peak MB: " +
+          ", ".join(f"{k} {rss:.0f} / {hwm:.0f}" for k, (rss, hwm) in sorted(memory.items())))
+    if "Gateway" in memory and "LanguageModel" in memory:
+        print(f"    ratio Gateway / LanguageModel peak: {memory['Gateway'][1] / memory['LanguageModel'][1]:.2f}x"
+              " (the Gateway loads no weights)")
 
 
 if __name__ == "__main__":
