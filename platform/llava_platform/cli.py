@@ -261,7 +261,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # What `make demo` runs: sized to finish on a 2-core laptop in the time the README states.
-DEMO_DEFAULTS = {"n": 10000, "n_eval": 100, "steps": 200, "finetune_steps": 600, "tower_steps": 1000, "lm_steps": 150}
+DEMO_DEFAULTS = {"n": 10000, "n_eval": 100, "steps": 200, "finetune_steps": 1800, "tower_steps": 3000, "lm_steps": 150}
 
 
 def build_parser() -> argparse.ArgumentParser:

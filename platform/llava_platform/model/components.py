@@ -66,6 +66,16 @@ class VisionPretrainingModel(torch.nn.Module):
         self.cell_head = torch.nn.Linear(spec.hidden_size, num_cell_classes)
         patches = (spec.image_size // spec.patch_size) ** 2
         self.position_head = torch.nn.Linear(spec.hidden_size, patches)
+        if spec.contrastive_weight == 0:
+            # No contrastive term: what only it trains stays as built (the text tower, the projections, and
+            # the vision layers above the feature layer, which LLaVA does not read), so that no trainable
+            # parameter goes without a gradient.
+            vision = self.clip.vision_model
+            first_unused = spec.feature_layer % (spec.layers + 1)  # hidden_states[i] is layer i-1's output
+            for module in (self.clip.text_model, self.clip.text_projection, self.clip.visual_projection,
+                           vision.post_layernorm, *vision.encoder.layers[first_unused:]):
+                module.requires_grad_(False)
+            self.clip.logit_scale.requires_grad_(False)
 
     def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The features LLaVA takes: hidden state ``feature_layer``, CLS token dropped."""
@@ -75,9 +85,14 @@ class VisionPretrainingModel(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 cell_targets: torch.Tensor, **_: Any) -> VisionPretrainingOutput:
         spec = self.spec
-        out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                        return_loss=True, output_hidden_states=True)
-        feats = out.vision_model_output.hidden_states[spec.feature_layer][:, 1:]
+        contrastive = None
+        if spec.contrastive_weight > 0:
+            out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            return_loss=True, output_hidden_states=True)
+            feats = out.vision_model_output.hidden_states[spec.feature_layer][:, 1:]
+            contrastive = out.loss
+        else:  # the dense objective alone: the text tower is not run (nor trained, see __init__)
+            feats = self.patch_features(pixel_values)
         n, patches, _ = feats.shape
         weight = torch.where(cell_targets > 0, spec.object_weight, 1.0).to(feats.dtype)
         per_patch = torch.nn.functional.cross_entropy(self.cell_head(feats).flatten(0, 1), cell_targets.flatten(),
@@ -85,8 +100,11 @@ class VisionPretrainingModel(torch.nn.Module):
         cell = (per_patch * weight.flatten()).sum() / weight.sum()
         where = torch.arange(patches, device=feats.device).repeat(n)
         position = torch.nn.functional.cross_entropy(self.position_head(feats).flatten(0, 1), where)
-        loss = spec.contrastive_weight * out.loss + spec.cell_weight * cell + spec.position_weight * position
-        return VisionPretrainingOutput(loss=loss, contrastive_loss=out.loss.detach(), cell_loss=cell.detach(),
+        loss = spec.cell_weight * cell + spec.position_weight * position
+        if contrastive is not None:
+            loss = loss + spec.contrastive_weight * contrastive
+            contrastive = contrastive.detach()
+        return VisionPretrainingOutput(loss=loss, contrastive_loss=contrastive, cell_loss=cell.detach(),
                                        position_loss=position.detach())
 
 

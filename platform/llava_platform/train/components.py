@@ -5,7 +5,7 @@ a model hub, so the embedded default makes small pretrained parts first, each on
 through the same worker loop as LLaVA's stages (only the objective differs, ``train/objectives.py``):
 
 1. a tokenizer (byte-level BPE) trained on the world's text;
-2. a CLIP-style vision tower (``CLIPModel`` contrastive loss + a dense per-cell objective) -> a plain
+2. a CLIP-style vision tower (``CLIPModel`` contrastive loss, weighted, + a dense per-cell objective) -> a plain
    ``CLIPVisionModel`` directory with its image processor;
 3. a small ``LlamaForCausalLM`` on the world's text -> a plain model directory with the tokenizer.
 

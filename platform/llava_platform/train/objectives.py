@@ -240,8 +240,8 @@ class VisionTowerObjective(Objective):
         tokenizer = self._tokenizer()
         model = build_vision_pretraining_model(self.run.vision_tower, len(tokenizer), tokenizer.eos_token_id,
                                                1 + len(SHAPES) * len(COLOURS))
-        n = sum(p.numel() for p in model.parameters())
-        return model, {"trainable": n, "total": n}
+        return model, {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       "total": sum(p.numel() for p in model.parameters())}
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
@@ -258,7 +258,8 @@ class VisionTowerObjective(Objective):
 
     def loss(self, module, batch):
         out = module(**batch)
-        self._terms = {k: getattr(out, k).item() for k in ("contrastive_loss", "cell_loss", "position_loss")}
+        terms = {k: getattr(out, k) for k in ("contrastive_loss", "cell_loss", "position_loss")}
+        self._terms = {k: v.item() for k, v in terms.items() if v is not None}
         return out.loss
 
     def probe(self, module, batch):

@@ -36,6 +36,23 @@ def test_vision_pretraining_loss_combines_its_three_terms_and_trains():
     assert model.patch_features(b["pixel_values"]).shape == (4, 9, 32)
 
 
+def test_without_the_contrastive_term_only_what_the_dense_objective_reaches_trains():
+    spec = SPEC.model_copy(update={"contrastive_weight": 0.0})
+    torch.manual_seed(0)
+    model = build_vision_pretraining_model(spec, vocab_size=100, eos_token_id=99, num_cell_classes=37)
+    out = model(**batch())
+    assert out.contrastive_loss is None
+    assert torch.allclose(out.loss, out.cell_loss + 0.5 * out.position_loss)
+    out.loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # every trainable parameter gets a gradient (DeepSpeed reduces them all), and only those
+    assert trainable == {n for n, p in model.named_parameters() if p.grad is not None}
+    # the feature layer is hidden state -2 of 2 layers: layer 0 trains, layer 1 and the text tower do not
+    assert any(n.startswith("clip.vision_model.encoder.layers.0.") for n in trainable)
+    assert not any(n.startswith(("clip.vision_model.encoder.layers.1.", "clip.text_model.")) for n in trainable)
+    assert {"cell_head.weight", "position_head.weight"} <= trainable
+
+
 def test_saved_parts_compose_into_llava_like_clip_and_vicuna(tmp_path, tiny_tokenizer):
     torch.manual_seed(0)
     tower = build_vision_pretraining_model(SPEC, vocab_size=len(tiny_tokenizer), eos_token_id=tiny_tokenizer.eos_token_id,
