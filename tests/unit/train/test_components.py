@@ -72,3 +72,18 @@ def test_components_train_compose_and_are_reused(ray_cluster, synth_dir, tmp_pat
     assert (Path(vt.path) / "model.safetensors").stat().st_mtime == mtime
     info = json.loads((Path(lm.path) / "component_info.json").read_text())
     assert info["steps"] == 3 and info["mlflow_run_id"] == lm.mlflow_run_id
+
+
+def test_a_run_of_several_epochs_reads_its_rows_computed_once_in_order(ray_cluster):
+    import ray.data
+    from ray.data import DataContext
+    from ray.data.dataset import MaterializedDataset
+
+    from llava_platform.train.components import _materialized
+
+    before = DataContext.get_current().execution_options.preserve_order
+    ds = ray.data.range(64, override_num_blocks=8).map_batches(lambda b: {"id": b["id"] * 2})
+    once = _materialized(ds)
+    assert isinstance(once, MaterializedDataset)
+    assert [r["id"] for r in once.iter_rows()] == [2 * i for i in range(64)]
+    assert DataContext.get_current().execution_options.preserve_order == before
