@@ -261,9 +261,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # What `make demo` runs: sized to finish on a 2-core laptop in the time the README states.
-DEMO_DEFAULTS = {"n": 10000, "n_eval": 100, "steps": 200, "finetune_steps": 1800, "tower_steps": 3000, "lm_steps": 150}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-platform", description="Train and serve LLaVA-style models.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -271,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     _add_chat(sub)
     _add_eval(sub)
+    from llava_platform.demo import DEFAULTS as DEMO_DEFAULTS
+
     demo = sub.add_parser("demo", help="the end-to-end demo on the embedded default (local, CPU)")
     demo.add_argument("--workdir", default="demo_run", help="where data, models and runs go (default demo_run/)")
     demo.add_argument("--n", type=int, default=DEMO_DEFAULTS["n"],

@@ -18,21 +18,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from llava_platform.config import (
-    ComponentsJobConfig,
-    EvalJobConfig,
-    ModelSpec,
-    PreprocessJobConfig,
-    TrainJobConfig,
-    load_config,
-)
-from llava_platform.data import synthetic
-from llava_platform.data.pipeline import prepare
-from llava_platform.eval.evaluate import run_evaluation
-from llava_platform.model.builder import build_model, describe, save_model
-from llava_platform.ray_utils import init_ray
-from llava_platform.train.components import pretrain_components
-from llava_platform.train.trainer import run_training
+# The rest of the platform is imported where it is used: the CLI reads DEFAULTS below to build its
+# `demo` options, and `llava-platform --help` should not wait for torch, Ray and transformers.
+
+# The demo's sizes and step counts: run_demo's defaults and the `llava-platform demo` options'.
+DEFAULTS = {"n": 10000, "n_eval": 100, "steps": 200, "finetune_steps": 1800, "tower_steps": 3000, "lm_steps": 150}
 
 # LLaVA's learning rates are for a 7B model at batch 256/128; the miniature's parts are ~1M parameters.
 # Stage 2 at 1e-3 for 1800 steps: at 3e-3 for 600 it learned to read one attribute of an object's token
@@ -64,7 +54,12 @@ def train_embedded_default(work: Path, world: Path, tracking_uri: str, steps: in
     """Stage 0 (cached), ``compose``, then LLaVA's two stages on ``world``, all under ``work``; Ray must
     be initialised. ``instruct`` replaces the world's ``instruct.json`` for stage 2 (a data mix).
     Returns the facts: per part and stage its steps, MLflow run, export and time."""
+    from llava_platform.config import ComponentsJobConfig, ModelSpec, PreprocessJobConfig, TrainJobConfig, load_config
     from llava_platform.config.loader import apply_overrides, validate
+    from llava_platform.data.pipeline import prepare
+    from llava_platform.model.builder import build_model, describe, save_model
+    from llava_platform.train.components import pretrain_components
+    from llava_platform.train.trainer import run_training
 
     facts: dict = {"times": {}}
     tracking = [f"tracking.tracking_uri={tracking_uri}", f"tracking.experiment={experiment}"]
@@ -114,8 +109,9 @@ def train_embedded_default(work: Path, world: Path, tracking_uri: str, steps: in
     return facts
 
 
-def run_demo(workdir: str | Path, n: int = 10000, steps: int = 200, finetune_steps: int | None = 1800,
-             tower_steps: int = 3000, lm_steps: int = 150, n_eval: int = 100, components: Sequence[str] = (),
+def run_demo(workdir: str | Path, n: int = DEFAULTS["n"], steps: int = DEFAULTS["steps"],
+             finetune_steps: int | None = DEFAULTS["finetune_steps"], tower_steps: int = DEFAULTS["tower_steps"],
+             lm_steps: int = DEFAULTS["lm_steps"], n_eval: int = DEFAULTS["n_eval"], components: Sequence[str] = (),
              serve_port: int = 8000, wait: bool = True) -> dict:
     """Run the whole pipeline end to end and return its facts (also printed).
 
@@ -129,6 +125,11 @@ def run_demo(workdir: str | Path, n: int = 10000, steps: int = 200, finetune_ste
         serve_port: the Serve HTTP port on 127.0.0.1 (if Serve already runs, its port is used).
         wait: keep serving until Ctrl-C after the demo request.
     """
+    from llava_platform.config import EvalJobConfig, load_config
+    from llava_platform.data import synthetic
+    from llava_platform.eval.evaluate import run_evaluation
+    from llava_platform.ray_utils import init_ray
+
     t0 = time.time()
     work = Path(workdir).resolve()
     data_dir = work / "data"

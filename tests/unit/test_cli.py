@@ -62,3 +62,16 @@ def test_model_export_to_the_original_layout_and_import_back(tmp_path, capsys):
     capsys.readouterr()
     assert main(["model", "import", "--projector", str(tmp_path / "x.bin"), "--out", str(tmp_path / "y")]) == 2
     assert "--projector needs --vision-tower and --llm" in capsys.readouterr().err
+
+
+def test_the_demo_command_runs_what_run_demo_runs_by_default():
+    import inspect
+
+    from llava_platform.cli import build_parser
+    from llava_platform.demo import run_demo
+
+    args = vars(build_parser().parse_args(["demo"]))
+    defaults = {k: p.default for k, p in inspect.signature(run_demo).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    shared = {"n", "n_eval", "steps", "finetune_steps", "tower_steps", "lm_steps"}
+    assert {k: args[k] for k in shared} == {k: defaults[k] for k in shared}
