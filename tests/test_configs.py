@@ -32,3 +32,14 @@ def test_every_real_config_has_a_smoke_twin():
         twin = p.with_name(p.stem.removesuffix("_7b").removesuffix("_small") + "_smoke.yaml")
         assert twin.exists(), f"{p.name} has no smoke twin"
         assert kind_of(twin) is kind_of(p)
+
+
+def test_the_stage0_config_file_is_what_the_demo_runs():
+    from llava_platform.config.loader import validate
+    from llava_platform.demo import stage0_settings
+
+    shipped = load_config(CONFIGS / "components_small.yaml", ComponentsJobConfig)
+    demo = validate(ComponentsJobConfig, {"world": "w", "output_path": "o", "storage_path": "s", **stage0_settings()},
+                    "the demo's stage 0")
+    for part in ("vision_tower", "language_model", "vision_tower_train", "language_model_train"):
+        assert getattr(shipped, part) == getattr(demo, part), part

@@ -48,6 +48,14 @@ COMPONENT_TRAIN = {
 }
 
 
+def stage0_settings(tower_steps: int = DEFAULTS["tower_steps"], lm_steps: int = DEFAULTS["lm_steps"]) -> dict:
+    """Stage 0's settings in the demo (``ComponentsJobConfig`` keys; jobs/configs/components_small.yaml
+    spells out the same, and a test keeps the two equal)."""
+    return {"vision_tower": dict(VISION_TOWER),
+            **{k: {**v, "max_steps": s, "save_steps": s}
+               for (k, v), s in zip(COMPONENT_TRAIN.items(), (tower_steps, lm_steps))}}
+
+
 def train_embedded_default(work: Path, world: Path, tracking_uri: str, steps: int, finetune_steps: int,
                            tower_steps: int, lm_steps: int, components: Sequence[str] = (),
                            instruct: Path | None = None, experiment: str = "demo") -> dict:
@@ -66,9 +74,7 @@ def train_embedded_default(work: Path, world: Path, tracking_uri: str, steps: in
     t = time.time()
     base = {"world": str(world), "output_path": str(work / "models" / "components"),
             "storage_path": str(work / "runs"), "tracking": {"tracking_uri": tracking_uri, "experiment": experiment},
-            "vision_tower": dict(VISION_TOWER),
-            **{k: {**v, "max_steps": s, "save_steps": s}
-               for (k, v), s in zip(COMPONENT_TRAIN.items(), (tower_steps, lm_steps))}}
+            **stage0_settings(tower_steps, lm_steps)}
     parts = pretrain_components(validate(ComponentsJobConfig, apply_overrides(base, components), "stage 0's settings"))
     facts["components"] = {p.component: {"path": p.path, "reused": p.reused, "steps": p.steps,
                                          "mlflow_run_id": p.mlflow_run_id, **p.final_metrics}
