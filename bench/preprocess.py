@@ -64,8 +64,9 @@ def main() -> None:
 
     import ray
 
-    from llava_platform.data.pipeline import prepare, prepare_reference
+    from llava_platform.preprocess import prepare
     from llava_platform.ray_utils import init_ray
+    from reference import prepare_reference
 
     root = Path(tempfile.mkdtemp(prefix="bench-pre-"))
     try:

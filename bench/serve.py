@@ -95,15 +95,15 @@ def run_worker(model_dir: str, port: int, limit: int) -> None:
     import uvicorn
     from fastapi import FastAPI, Request
 
-    from llava_platform.data.images import normalize
-    from llava_platform.serve.engine import ImageSpec, load_for_serving
-    from llava_platform.serve.inputs import Limits, PromptBuilder, load_images
+    from llava_platform.data.images import ImageSpec, normalize
+    from llava_platform.inference.engine import load_for_serving
+    from llava_platform.serve.inputs import Limits, build_prompt, load_images, prompt_builder
     from llava_platform.serve.protocol import parse_request
 
     model, processor = load_for_serving(model_dir)
     spec = ImageSpec.from_model(model.config, processor)
     limits = Limits(max_images=1, max_new_tokens=4096)
-    prompts = PromptBuilder(processor, model.config, spec, limits)
+    prompts = prompt_builder(processor, model.config, spec, limits)
     semaphore = asyncio.Semaphore(limit)
     app = FastAPI()
 
@@ -117,7 +117,7 @@ def run_worker(model_dir: str, port: int, limit: int) -> None:
     async def chat(request: Request) -> dict:
         req = parse_request(await request.json())
         images = await load_images(req, spec, limits, None)
-        prompt = prompts.build(req, images)
+        prompt = build_prompt(prompts, req, images)
         pixels = normalize(images[0].pixels[None], spec.mean, spec.std)
         async with semaphore:
             n = await asyncio.to_thread(generate, prompt.input_ids, pixels, prompt.max_new_tokens)
@@ -201,8 +201,9 @@ def main() -> None:
     from llava_platform.data.images import normalize
     from llava_platform.model.builder import build_preset, save_model
     from llava_platform.serve.app import LlavaAppArgs, build_app
-    from llava_platform.serve.engine import ImageSpec, load_for_serving
-    from llava_platform.serve.inputs import Limits, PromptBuilder, load_images
+    from llava_platform.data.images import ImageSpec
+    from llava_platform.inference.engine import load_for_serving
+    from llava_platform.serve.inputs import Limits, build_prompt, load_images, prompt_builder
     from llava_platform.serve.protocol import parse_request
 
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -253,7 +254,7 @@ def main() -> None:
         bare_model, bare_proc = load_for_serving(model_dir)
         spec = ImageSpec.from_model(bare_model.config, bare_proc)
         limits = Limits(max_images=1, max_new_tokens=4096)
-        builder = PromptBuilder(bare_proc, bare_model.config, spec, limits)
+        builder = prompt_builder(bare_proc, bare_model.config, spec, limits)
         bare: dict[int, list[float]] = {}
         # Matched: the replica's torch threads (Ray sets them from its CPU reservation); and all cores.
         for n_threads in sorted({max(1, int(args.llm_cpus)), threads}):
@@ -262,7 +263,7 @@ def main() -> None:
             for _ in range(args.latency_samples + 2):
                 req = parse_request(_body(next(seed), args.max_tokens))
                 images = asyncio.run(load_images(req, spec, limits, None))
-                prompt = builder.build(req, images)
+                prompt = build_prompt(builder, req, images)
                 ids = torch.tensor([prompt.input_ids])
                 pixels = normalize(np.stack([images[0].pixels]), spec.mean, spec.std)
                 t0 = time.perf_counter()

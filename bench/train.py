@@ -41,7 +41,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     from llava_platform.config import PreprocessJobConfig, TrainJobConfig, load_config
-    from llava_platform.data.pipeline import prepare
+    from llava_platform.preprocess import prepare
     from llava_platform.data.sample import LlavaCollator
     from llava_platform.data.synthetic import write_dataset
     from llava_platform.model.builder import apply_stage, build_preset

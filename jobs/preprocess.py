@@ -10,7 +10,7 @@
 import sys
 
 from llava_platform.config import PreprocessJobConfig
-from llava_platform.data.pipeline import run_prepare
+from llava_platform.preprocess import run_prepare
 from llava_platform.jobs import job_main
 
 if __name__ == "__main__":

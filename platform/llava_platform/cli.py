@@ -104,7 +104,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from llava_platform.config.loader import load_config
     from llava_platform.config.schema import PreprocessJobConfig
-    from llava_platform.data.pipeline import run_prepare
+    from llava_platform.preprocess import run_prepare
     from llava_platform.ray_utils import init_ray
 
     flags = {
@@ -149,7 +149,7 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
 def _cmd_model_import(args: argparse.Namespace) -> int:
     from llava_platform.errors import ModelBuildError
     from llava_platform.model.builder import describe, save_model
-    from llava_platform.model.layouts import import_original, import_projector
+    from llava_platform.model.original import import_original, import_projector
 
     if args.projector and not (args.vision_tower and args.llm):
         raise ModelBuildError("--projector needs --vision-tower and --llm (the parts it was trained between)")
@@ -167,7 +167,7 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
     from llava_platform import storage
     from llava_platform.errors import ModelBuildError
     from llava_platform.model.builder import load_checkpoint, save_model
-    from llava_platform.model.layouts import export_original
+    from llava_platform.model.original import export_original
 
     if args.format == "llava-original" and storage.is_remote(args.out):
         raise ModelBuildError("--format llava-original writes a local directory; copy it to S3 afterwards")

@@ -64,7 +64,7 @@ def train_embedded_default(work: Path, world: Path, tracking_uri: str, steps: in
     Returns the facts: per part and stage its steps, MLflow run, export and time."""
     from llava_platform.config import ComponentsJobConfig, ModelSpec, PreprocessJobConfig, TrainJobConfig, load_config
     from llava_platform.config.loader import apply_overrides, validate
-    from llava_platform.data.pipeline import prepare
+    from llava_platform.preprocess import prepare
     from llava_platform.model.builder import build_model, describe, save_model
     from llava_platform.train.components import pretrain_components
     from llava_platform.train.trainer import run_training
@@ -207,15 +207,13 @@ def run_demo(workdir: str | Path, n: int = DEFAULTS["n"], steps: int = DEFAULTS[
 
 def _probe_gap(uri: str, run_id: str, last: int = 4) -> dict | None:
     """Stage 1's blank-image probe over its last ``last`` logged steps: mean real vs blank loss."""
-    from mlflow.tracking import MlflowClient
+    from llava_platform.tracking.runs import metric_history
 
-    client = MlflowClient(uri)
-    real = client.get_metric_history(run_id, "loss_real_images")[-last:]
-    blank = client.get_metric_history(run_id, "loss_blank_images")[-last:]
+    real = metric_history(uri, run_id, "loss_real_images")[-last:]
+    blank = metric_history(uri, run_id, "loss_blank_images")[-last:]
     if not real or not blank:
         return None
-    return {"real": round(sum(m.value for m in real) / len(real), 4),
-            "blank": round(sum(m.value for m in blank) / len(blank), 4), "points": len(real)}
+    return {"real": round(sum(real) / len(real), 4), "blank": round(sum(blank) / len(blank), 4), "points": len(real)}
 
 
 def _deploy(export: str, port: int) -> tuple[str, str]:

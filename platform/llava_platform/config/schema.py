@@ -97,29 +97,6 @@ class ModelSpec(StrictModel):
         return self
 
 
-def _model_with_absolute_paths(spec: "ModelSpec") -> "ModelSpec":
-    # Hub ids ("openai/clip-vit-large-patch14-336") look like relative paths: only existing paths change.
-    fields = ("checkpoint", "vision_tower", "llm", "tokenizer")
-    update = {f: p for f in fields if (p := _existing_path(getattr(spec, f)))}
-    return spec.model_copy(update=update)
-
-
-def _existing_path(value: str | None) -> str | None:
-    """``value`` made absolute when it names an existing local path; None for a hub id or a URI."""
-    import os
-
-    from llava_platform.errors import StorageError
-    from llava_platform.storage import absolute
-
-    if not value:
-        return None
-    try:
-        path = absolute(value)
-    except StorageError:  # runs:/..., models:/..., and other schemes: not a local path
-        return None
-    return path if path and os.path.exists(path) else None
-
-
 class ImageDecoding(StrictModel):
     """How image files become RGB pixels: LLaVA's ``Image.open(f).convert("RGB")`` by default (the
     stored orientation, transparency dropped, as its box coordinates and training assume)."""
@@ -386,15 +363,6 @@ class PreprocessJobConfig(StrictModel):
     read_cpus: float = Field(0.25, gt=0)
     storage: StorageConfig = StorageConfig()
 
-    def with_absolute_paths(self) -> "PreprocessJobConfig":
-        """The same config with local paths absolute, as Ray workers need them."""
-        from llava_platform.storage import absolute, output_location
-
-        data = self.data.model_copy(update={"data_path": absolute(self.data.data_path),
-                                            "image_root": absolute(self.data.image_root)})
-        return self.model_copy(update={"data": data, "output_path": output_location(self.output_path, "output_path"),
-                                       "model": _model_with_absolute_paths(self.model)})
-
 
 class TrainJobConfig(StrictModel):
     """`jobs/pretrain.py` / `jobs/finetune.py`: one LLaVA stage."""
@@ -417,15 +385,6 @@ class TrainJobConfig(StrictModel):
             raise ValueError(f"train.stage {self.train.stage!r}: a LLaVA training job is stage pretrain or finetune"
                              " (vision_tower and language_model are stage 0: jobs/pretrain_components.py)")
         return self
-
-    def with_absolute_paths(self) -> "TrainJobConfig":
-        """The same config with local paths absolute, as Ray workers need them."""
-        from llava_platform.storage import absolute, output_location
-
-        return self.model_copy(update={
-            "prepared_data": absolute(self.prepared_data),
-            "storage_path": output_location(self.storage_path, "storage_path"),
-            "output_path": output_location(self.output_path, "output_path"), "model": _model_with_absolute_paths(self.model)})
 
 
 class EvalJobConfig(StrictModel):
@@ -552,10 +511,3 @@ class ComponentsJobConfig(StrictModel):
             raise ValueError("vision_tower_train.group_by_modality_length: the vision tower's rows are images of "
                              "one size with no length to group by; leave it false (it applies to language_model_train)")
         return self
-
-    def with_absolute_paths(self) -> "ComponentsJobConfig":
-        from llava_platform.storage import absolute, output_location
-
-        return self.model_copy(update={"world": absolute(self.world),
-                                       "output_path": output_location(self.output_path, "output_path"),
-                                       "storage_path": output_location(self.storage_path, "storage_path")})

@@ -20,11 +20,8 @@ import torch
 
 from llava_platform.config.schema import STAGE_TEMPLATES, VisionTowerSpec
 from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_ids, chat_template, llava_turns_to_messages
-from llava_platform.data.images import expand_to_square, normalize, pad_colour
+from llava_platform.data.images import CLIP_MEAN, CLIP_STD, expand_to_square, normalize, pad_colour
 from llava_platform.data.synthetic import COLOURS, SHAPES
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def read_world(world: str) -> tuple[dict[str, dict], list[dict], list[dict]]:

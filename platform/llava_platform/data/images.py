@@ -18,6 +18,9 @@ from llava_platform.config.schema import MAX_IMAGE_ASPECT_RATIO as MAX_ASPECT_RA
 from llava_platform.errors import RecordError
 
 AspectRatio = Literal["pad", "resize", "crop"]
+# OpenAI CLIP's pixel statistics: the image processor's mean/std when a vision tower ships none.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def check_size(w: int, h: int, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
@@ -157,3 +160,39 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]):
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
     x = (x - torch.tensor(mean).view(1, 1, 1, 3)) / torch.tensor(std).view(1, 1, 1, 3)
     return x.permute(0, 3, 1, 2).contiguous()
+
+
+def num_image_tokens(config: Any) -> int:
+    """Image features per image (a ``LlavaConfig``) = ``<image>`` tokens in the expanded prompt."""
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How an image becomes vision-tower input: the tower's size, the processor's mean/std, the
+    aspect-ratio handling used in training, and how many embeddings the projector yields."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_tokens: int
+    aspect_ratio: AspectRatio = "pad"
+    decoding: Decoding = Decoding()
+
+    @classmethod
+    def from_model(cls, config: Any, processor: Any, aspect_ratio: AspectRatio = "pad",
+                   decoding: Decoding = Decoding()) -> "ImageSpec":
+        ip = processor.image_processor
+        return cls(config.vision_config.image_size, tuple(ip.image_mean), tuple(ip.image_std),  # type: ignore[arg-type]
+                   num_image_tokens(config), aspect_ratio, decoding)
+
+    def prepare(self, data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> np.ndarray:
+        """Decode and square/resize image bytes to uint8 HWC, as the training pipeline does.
+
+        Raises:
+            RecordError: empty, undecodable, truncated, or over a size limit (see ``check_size``).
+        """
+        img = decode(data, max_pixels, max_aspect_ratio, self.decoding)
+        return prepare_image(img, self.size, self.aspect_ratio, self.mean)

@@ -19,24 +19,24 @@ Images are stored as uint8 HWC bytes at the vision tower's size; the training co
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 
 from llava_platform import storage
-from llava_platform.config.schema import STAGE_TEMPLATES, DataConfig, PreprocessJobConfig, StorageConfig
+from llava_platform.locations import absolute_paths
+from llava_platform.config.schema import DataConfig, PreprocessJobConfig, StorageConfig
 from llava_platform.data.conversation import chat_template, lone_surrogate, tokenize_record
-from llava_platform.data.images import Decoding
+from llava_platform.data.prepared import Manifest, PreprocessError, write_manifest
 from llava_platform.data.sample import SampleSpec, encode_image
 from llava_platform.data.source import TOO_DEEP
-from llava_platform.errors import LlavaPlatformError, RecordError
+from llava_platform.errors import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("normalised", pa.list_(pa.string())),
     ]
 )
-TRAIN_COLUMNS = ["id", "input_ids", "labels", "length", "has_image", "image"]
 
 
-class PreprocessError(LlavaPlatformError):
-    """Preprocessing could not complete (a bad record under ``on_bad_record: fail``, lost records)."""
+
 
 
 class RecordProcessor:
@@ -193,7 +191,7 @@ class PrepareReport:
     seconds: float
     records_per_second: float
     phases: dict[str, float] = field(default_factory=dict)
-    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+    manifest: Manifest | None = field(repr=False, default=None)
 
     def table(self) -> str:
         lines = [
@@ -212,19 +210,6 @@ class PrepareReport:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 over the tokenizer's full definition (vocab, merges, special tokens)."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-
-
-def sample_spec_for(cfg: PreprocessJobConfig) -> tuple[Any, SampleSpec]:
-    """The tokenizer and sample spec a preprocess config implies (model loaded without weights where possible)."""
-    from llava_platform.model.builder import load_processor
-
-    processor, model_config = load_processor(cfg.model, cfg.storage)
-    template = cfg.data.template or STAGE_TEMPLATES[cfg.stage]
-    spec = SampleSpec.from_processor(processor, model_config, template, cfg.data.max_length,
-                                     cfg.data.image_aspect_ratio, cfg.data.max_image_pixels,
-                                     cfg.data.max_image_aspect_ratio, Decoding.from_config(cfg.data),
-                                     cfg.data.record_policy)
-    return processor.tokenizer, spec
 
 
 def _prepare_output(cfg: PreprocessJobConfig) -> None:
@@ -253,8 +238,9 @@ def _duplicates(ds) -> tuple[int, dict[str, int]]:
     return ids.num_rows, dict(zip(dups.column("id").to_pylist(), dups.column("row_min").to_pylist()))
 
 
-def prepare(cfg: PreprocessJobConfig) -> PrepareReport:
-    """Run the preprocessing job (Ray must be initialised; see :func:`llava_platform.ray_utils.init_ray`).
+def run_pipeline(cfg: PreprocessJobConfig, tokenizer: Any, spec: SampleSpec) -> PrepareReport:
+    """Prepare ``cfg``'s records into samples for the model ``tokenizer`` and ``spec`` describe (Ray
+    must be initialised; the job, with the model's processor loaded, is :func:`llava_platform.preprocess.prepare`).
 
     Raises:
         PreprocessError: a bad record under ``on_bad_record: fail``, an existing output, or an
@@ -263,11 +249,10 @@ def prepare(cfg: PreprocessJobConfig) -> PrepareReport:
     import ray.data
 
     t0 = time.time()
-    cfg = cfg.with_absolute_paths()
+    cfg = absolute_paths(cfg)
     phases: dict[str, float] = {}
-    tokenizer, spec = sample_spec_for(cfg)
     _prepare_output(cfg)
-    phases["load tokenizer"] = time.time() - t0
+    phases["check output"] = time.time() - t0
     datasource = _source(cfg)
     records_in, dups = _duplicates(ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus))
     phases["scan ids"] = time.time() - t0 - sum(phases.values())
@@ -310,30 +295,17 @@ def prepare(cfg: PreprocessJobConfig) -> PrepareReport:
         )
     storage.write_bytes(storage.join(cfg.output_path, "rejects.jsonl"),
                         "".join(json.dumps(r) + "\n" for r in rejects).encode(), cfg.storage)
-    manifest = {
-        "format": "llava-platform/prepared-v1",
-        "stage": cfg.stage,
-        "records_in": records_in,
-        "written": written,
-        "rejected": len(rejects),
-        "rejects_by_reason": by_reason,
-        # Written records that record_policy: llava changed, by kind (a record may count under several).
-        "normalised_by_kind": normalised,
-        "template": spec.template,
-        "template_sha256": hashlib.sha256(chat_template(spec.template).encode()).hexdigest(),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-        "sample_spec": asdict(spec),
-        "image_layout": {"dtype": "uint8", "shape": [spec.image_size, spec.image_size, 3], "order": "HWC"},
-        "sources": {"data_path": cfg.data.data_path, "image_root": cfg.data.image_root},
-        "shards": "shards/status=ok",
-        "config": json.loads(cfg.model_dump_json()),
-        "created_unix": int(time.time()),
-    }
     phases["finalize"] = time.time() - t0 - sum(phases.values())
     seconds = time.time() - t0
-    manifest["seconds"] = round(seconds, 2)
-    storage.write_bytes(storage.join(cfg.output_path, "manifest.json"),
-                        json.dumps(manifest, indent=2).encode(), cfg.storage)
+    manifest = Manifest(
+        stage=cfg.stage, records_in=records_in, written=written, rejected=len(rejects), rejects_by_reason=by_reason,
+        normalised_by_kind=normalised, template=spec.template,
+        template_sha256=hashlib.sha256(chat_template(spec.template).encode()).hexdigest(),
+        tokenizer_sha256=tokenizer_fingerprint(tokenizer), sample_spec=spec,
+        image_layout={"dtype": "uint8", "shape": [spec.image_size, spec.image_size, 3], "order": "HWC"},
+        sources={"data_path": cfg.data.data_path, "image_root": cfg.data.image_root},
+        config=json.loads(cfg.model_dump_json()), created_unix=int(time.time()), seconds=round(seconds, 2))
+    write_manifest(cfg.output_path, manifest, cfg.storage)
     return PrepareReport(cfg.output_path, records_in, written, len(rejects), by_reason, seconds,
                          records_in / seconds if seconds else 0.0, phases, manifest)
 
@@ -397,79 +369,3 @@ def _read_rejects(fs, path: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # The single-process reference (LLaVA's LazySupervisedDataset style): identical work, one record at a time
 # ---------------------------------------------------------------------------------------------
-
-
-def prepare_reference(cfg: PreprocessJobConfig, out_file: str) -> tuple[int, float]:
-    """Process every record in one process, record by record, with no Ray, streaming the output
-    rows (ok and rejected, in source order) to the Parquet file ``out_file``.
-
-    Returns:
-        (records processed, seconds).
-    """
-    import pyarrow.parquet as pq
-
-    from llava_platform.data.source import array_records, jsonl_record
-
-    t0 = time.time()
-    tokenizer, spec = sample_spec_for(cfg)
-    raw = storage.read_bytes(cfg.data.data_path, cfg.storage)
-    if raw.decode("utf-8").lstrip("\ufeff \t\r\n").startswith("["):
-        rows = [{"row": i, "id": rid, "raw": text} for i, (rid, text) in enumerate(array_records(io.BytesIO(raw)))]
-    else:
-        rows, pos = [], 0
-        for line in raw.splitlines(keepends=True):
-            parsed = jsonl_record(line)
-            if parsed is not None:
-                rows.append({"row": pos, "id": parsed[0], "raw": parsed[1]})
-            pos += len(line)
-    first: dict[str, int] = {}
-    for r in rows:
-        if r["id"] is not None:
-            first.setdefault(r["id"], r["row"])
-    proc = RecordProcessor(tokenizer, spec, cfg.data.image_root, cfg.storage, duplicates=first,
-                           fail_on_bad_record=cfg.data.on_bad_record == "fail", max_image_bytes=cfg.data.max_image_bytes)
-    with pq.ParquetWriter(out_file, OUTPUT_SCHEMA) as writer:
-        pending: list[pa.Table] = []
-        for r in rows:
-            pending.append(proc.process([r]))
-            if len(pending) == 64:
-                writer.write_table(pa.concat_tables(pending))
-                pending = []
-        if pending:
-            writer.write_table(pa.concat_tables(pending))
-    return len(rows), time.time() - t0
-
-
-# ---------------------------------------------------------------------------------------------
-# The training-side reader
-# ---------------------------------------------------------------------------------------------
-
-
-def read_manifest(uri: str, storage_config: StorageConfig | None = None) -> dict[str, Any]:
-    """The manifest of a prepared dataset.
-
-    Raises:
-        PreprocessError: no manifest (not a prepared dataset, or a run that did not finish).
-    """
-    try:
-        return json.loads(storage.read_bytes(storage.join(uri, "manifest.json"), storage_config))
-    except FileNotFoundError as e:
-        raise PreprocessError(f"{uri} has no manifest.json: not a prepared dataset, or its run did not finish") from e
-
-
-def open_prepared(uri: str, storage_config: StorageConfig | None = None):
-    """Open prepared shards as a Ray Dataset (training columns only) with their manifest."""
-    import ray.data
-
-    manifest = read_manifest(uri, storage_config)
-    fs, path = storage.arrow_filesystem(uri, storage_config)
-    ds = ray.data.read_parquet(f"{path}/{manifest['shards']}", filesystem=fs, columns=TRAIN_COLUMNS,
-                               num_cpus=0.25)
-    return ds, manifest
-
-
-def run_prepare(cfg: PreprocessJobConfig) -> PrepareReport:
-    """Run the job and print its summary table (the entry points' library function)."""
-    report = prepare(cfg)
-    print(report.table())
-    return report

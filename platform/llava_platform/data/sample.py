@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from llava_platform.data.conversation import IGNORE_INDEX, RecordPolicy, tokenize_record
-from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, Decoding, decode, normalize, prepare_image
+from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, Decoding, ImageSpec, normalize, num_image_tokens
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,6 @@ class SampleSpec:
                        aspect_ratio: AspectRatio = "pad", max_image_pixels: int = 89_478_485,
                        max_image_aspect_ratio: float = MAX_ASPECT_RATIO,
                        decoding: Decoding = Decoding(), record_policy: RecordPolicy = "llava") -> "SampleSpec":
-        from llava_platform.model.builder import num_image_tokens
-
         ip = processor.image_processor
         return cls(
             template=template,
@@ -54,6 +52,12 @@ class SampleSpec:
             decoding=decoding,
             record_policy=record_policy,
         )
+
+    @property
+    def image(self) -> ImageSpec:
+        """The image half of the spec: what serving and evaluation prepare images with."""
+        return ImageSpec(self.image_size, self.image_mean, self.image_std, self.num_image_tokens, self.aspect_ratio,
+                         self.decoding)
 
 
 def encode_record(record: dict[str, Any], image_bytes: bytes | None, tokenizer: Any, spec: SampleSpec) -> dict[str, Any]:
@@ -85,8 +89,7 @@ def encode_image(image_bytes: bytes, spec: SampleSpec) -> np.ndarray:
         RecordError: the bytes are empty, not an image, truncated, or over a size limit (pixels, the
             padded square, the aspect ratio).
     """
-    img = decode(image_bytes, spec.max_image_pixels, spec.max_image_aspect_ratio, spec.decoding)
-    return prepare_image(img, spec.image_size, spec.aspect_ratio, spec.image_mean)
+    return spec.image.prepare(image_bytes, spec.max_image_pixels, spec.max_image_aspect_ratio)
 
 
 @dataclass

@@ -59,29 +59,6 @@ def model_id_of(spec: ModelSpec) -> str:
         else spec.checkpoint[len("models:/"):].replace("/", "-v")
 
 
-def lineage_run_id(spec: ModelSpec, storage_config: StorageConfig | None = None) -> str | None:
-    """The MLflow run that produced the evaluated model: from a ``runs:/`` URI, a registered
-    version's run, or the export's ``training_info.json``; None when unknown."""
-    uri = spec.checkpoint
-    if uri is None:
-        return None
-    if uri.startswith("runs:/"):
-        return uri[len("runs:/"):].split("/")[0]
-    if uri.startswith("models:/"):
-        from mlflow.tracking import MlflowClient
-
-        name, _, version = uri[len("models:/"):].partition("/")
-        try:
-            return MlflowClient().get_model_version(name, version).run_id
-        except Exception:  # MlflowException: no such version on this server
-            return None
-    try:
-        info = json.loads(storage.read_bytes(storage.join(uri, "training_info.json"), storage_config))
-        return info.get("mlflow_run_id")
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
-
 def accuracy_chart(scores: Scores, path: str, title: str) -> None:
     """Bar chart (PNG) of accuracy by category, the model beside its blind baseline."""
     import matplotlib
@@ -201,7 +178,8 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
         EvalError: unreadable inputs, or an answer key that covers none of the questions.
     """
     from llava_platform.ray_utils import init_ray
-    from llava_platform.train.tracking import RunLogger, ensure_run, flatten, tracking_uri, use_tracking_uri
+    from llava_platform.tracking.models import producing_run_id
+    from llava_platform.tracking.runs import RunLogger, ensure_run, flatten, tracking_uri, use_tracking_uri
 
     t0 = time.time()
     cfg, st = job.eval, job.storage
@@ -263,7 +241,7 @@ def run_evaluation(job: EvalJobConfig) -> EvalResult:
         put("scores.json", json.dumps(metrics, indent=2).encode())
         storage.upload_dir(local, cfg.output_dir, st)
 
-        parent = lineage_run_id(job.model, st)
+        parent = producing_run_id(job.model.checkpoint, st)
         tags = {"llava_platform.kind": "evaluation", "evaluated_model": job.model.checkpoint or model_id}
         if parent:
             tags.update({"mlflow.parentRunId": parent, "evaluated_run_id": parent})

@@ -79,9 +79,10 @@ class AnswerModel:
 
         from llava_platform.data.images import Decoding
         from llava_platform.model.builder import build_model
-        from llava_platform.serve.engine import Decoder, ImageEncoderCore, ImageSpec, load_for_serving
-        from llava_platform.serve.inputs import Limits, PromptBuilder
-        from llava_platform.train.tracking import use_tracking_uri
+        from llava_platform.data.images import ImageSpec
+        from llava_platform.inference.engine import Decoder, ImageEncoderCore, load_for_serving
+        from llava_platform.inference.prompts import PromptBuilder
+        from llava_platform.tracking.runs import use_tracking_uri
 
         use_tracking_uri(tracking_uri)
         if model.checkpoint is not None:
@@ -90,7 +91,7 @@ class AnswerModel:
             loaded, processor = build_model(model, storage_config)
             loaded = loaded.to("cuda" if use_gpu and torch.cuda.is_available() else "cpu").eval()
         self.spec = ImageSpec.from_model(loaded.config, processor, cfg.image_aspect_ratio, Decoding.from_config(cfg))
-        self.prompts = PromptBuilder(processor, loaded.config, self.spec, Limits(max_new_tokens=cfg.max_new_tokens),
+        self.prompts = PromptBuilder(processor, loaded.config, self.spec, max_new_tokens=cfg.max_new_tokens,
                                      template=cfg.template)
         self.encoder, self.decoder = ImageEncoderCore(loaded, self.spec), Decoder(loaded, processor.tokenizer)
         self.cfg, self.storage, self.model_id = cfg, storage_config, model_id
@@ -105,8 +106,8 @@ class AnswerModel:
             return None, f"{e.reason}: {e.detail}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from llava_platform.serve.engine import DecodeRequest
-        from llava_platform.serve.protocol import ApiError
+        from llava_platform.inference.engine import DecodeRequest
+        from llava_platform.inference.prompts import PromptError
 
         n = len(batch["question_id"])
         loaded = [self._image(str(batch["image"][i])) for i in range(n)]
@@ -126,7 +127,7 @@ class AnswerModel:
                                     else question)
                     try:
                         ids = self.prompts.input_ids([{"role": "user", "content": content}])
-                    except ApiError as e:
+                    except PromptError as e:
                         error = f"prompt: {e.message}"
                 slots.append((i, mode, error, len(reqs) if ids is not None else None))
                 if ids is not None:

@@ -42,16 +42,15 @@ from llava_platform import storage
 from llava_platform.config.schema import STAGE_TEMPLATES, LanguageModelSpec, ModelSpec, StorageConfig
 from llava_platform.data import synthetic
 from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_template
+from llava_platform.data.images import num_image_tokens
 from llava_platform.errors import ModelBuildError
-from llava_platform.model.components import build_language_model
+from llava_platform.model.components import build_language_model, default_image_processor
 from llava_platform.model.layouts import to_llava_hf_layout
 from llava_platform.model.tokenizer import PAD, train_bpe_tokenizer
+from llava_platform.tracking.models import resolve_model_uri
 
 log = logging.getLogger(__name__)
 
-# CLIP's pixel statistics (OpenAI CLIP), used when a vision tower ships no preprocessor config.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -151,9 +150,9 @@ def compose(spec: ModelSpec, storage_config: StorageConfig | None = None) -> tup
     """
     assert spec.vision_tower is not None and spec.llm is not None  # guaranteed by ModelSpec
     dtype = _DTYPES[spec.dtype]
-    vision_src = resolve_source(spec.vision_tower, storage_config)
-    llm_src = resolve_source(spec.llm, storage_config)
-    tok_src = resolve_source(spec.tokenizer, storage_config) if spec.tokenizer else llm_src
+    vision_src = resolve_model_uri(spec.vision_tower, storage_config)
+    llm_src = resolve_model_uri(spec.llm, storage_config)
+    tok_src = resolve_model_uri(spec.tokenizer, storage_config) if spec.tokenizer else llm_src
     try:
         vision = CLIPVisionModel.from_pretrained(vision_src, dtype=dtype)
     except (OSError, ValueError) as e:
@@ -189,7 +188,7 @@ def load_checkpoint(
     Raises:
         ModelBuildError: nothing loadable at ``uri``.
     """
-    src = resolve_source(uri, storage_config)
+    src = resolve_model_uri(uri, storage_config)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -209,7 +208,7 @@ def load_processor(spec: ModelSpec, storage_config: StorageConfig | None = None)
     """The processor and config of the model ``spec`` describes, without loading (or, from S3,
     downloading) weights where possible (a checkpoint); presets and compositions are built."""
     if spec.checkpoint is not None:
-        src = resolve_source(spec.checkpoint, storage_config, weights=False)
+        src = resolve_model_uri(spec.checkpoint, storage_config, weights=False)
         try:
             processor = AutoProcessor.from_pretrained(src)
             config = LlavaConfig.from_pretrained(src)
@@ -220,84 +219,9 @@ def load_processor(spec: ModelSpec, storage_config: StorageConfig | None = None)
     return processor, model.config
 
 
-MLFLOW_SCHEMES = ("runs:/", "models:/")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def resolve_source(uri: str, storage_config: StorageConfig | None = None, weights: bool = True) -> str:
-    """A local directory for a model URI: s3:// URIs and MLflow URIs (``runs:/<run id>/<path>``,
-    ``models:/<name>/<version>``, from the current MLflow tracking server) are downloaded; local paths
-    and hub ids pass through. ``weights=False`` skips weight files in S3 downloads.
-
-    Raises:
-        ModelBuildError: nothing found at the URI.
-    """
-    if uri.startswith(MLFLOW_SCHEMES):
-        import mlflow.artifacts
-
-        if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
-            uri = uri.rstrip("/") + "/export"  # a run's model export
-        try:
-            if weights:
-                return mlflow.artifacts.download_artifacts(artifact_uri=uri)
-            return _download_mlflow_without_weights(uri)
-        except Exception as e:  # MlflowException, OSError: both mean "not there"
-            raise ModelBuildError(f"cannot download {uri} from MLflow ({mlflow.get_tracking_uri()}): {e}") from e
-    if storage.is_remote(uri):
-        try:
-            return storage.local_dir(uri, storage_config, skip_suffixes=() if weights else WEIGHT_SUFFIXES)
-        except FileNotFoundError as e:
-            raise ModelBuildError(f"nothing found at {uri}") from e
-    return uri
-
-
-def _download_mlflow_without_weights(uri: str) -> str:
-    """The files of an MLflow model directory except its weights (a Gateway needs the processor and
-    config, not the 14 GB of a 7B model), in a new local directory."""
-    import tempfile
-
-    import mlflow.artifacts
-
-    root = tempfile.mkdtemp(prefix="llava-model-")
-    pending, found = [""], False
-    while pending:
-        rel = pending.pop()
-        for info in mlflow.artifacts.list_artifacts(artifact_uri=f"{uri.rstrip('/')}/{rel}".rstrip("/")):
-            found = True
-            name = info.path.rsplit("/", 1)[-1]
-            child = f"{rel}/{name}".lstrip("/")
-            if info.is_dir:
-                pending.append(child)
-            elif not name.endswith(WEIGHT_SUFFIXES):
-                dest = os.path.join(root, os.path.dirname(child))
-                os.makedirs(dest, exist_ok=True)
-                mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{child}", dst_path=dest)
-    if not found:
-        raise FileNotFoundError(f"no artifacts at {uri}")
-    return root
-
-
 # ---------------------------------------------------------------------------------------------
 # Assembly
 # ---------------------------------------------------------------------------------------------
-
-
-def default_image_processor(image_size: int) -> CLIPImageProcessorPil:
-    """CLIP's preprocessing at ``image_size`` (resize shortest edge, centre crop, CLIP mean/std)."""
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_convert_rgb=True,
-    )
-
-
-def num_image_tokens(config: LlavaConfig) -> int:
-    """Image features per image = ``<image>`` tokens in the expanded prompt."""
-    v = config.vision_config
-    n = (v.image_size // v.patch_size) ** 2
-    return n + 1 if config.vision_feature_select_strategy == "full" else n
 
 
 def assemble(
@@ -483,12 +407,9 @@ __all__ = [
     "build_model",
     "build_preset",
     "compose",
-    "default_image_processor",
     "describe",
     "load_checkpoint",
     "load_processor",
-    "num_image_tokens",
-    "resolve_source",
     "save_model",
 ]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import (
     CLIPConfig,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPTextConfig,
     CLIPVisionConfig,
@@ -25,6 +26,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from llava_platform.config.schema import LanguageModelSpec, VisionTowerSpec
+from llava_platform.data.images import CLIP_MEAN, CLIP_STD
 
 @dataclass
 class VisionPretrainingOutput(ModelOutput):
@@ -124,8 +126,6 @@ def vision_tower_of(model: VisionPretrainingModel) -> CLIPVisionModel:
 
 def save_vision_tower(model: VisionPretrainingModel, spec: VisionTowerSpec, out_dir: str) -> None:
     """``CLIPVisionModel`` + ``CLIPImageProcessor`` config: what ``compose`` reads from a CLIP directory."""
-    from llava_platform.model.builder import default_image_processor
-
     vision_tower_of(model).save_pretrained(out_dir)
     default_image_processor(spec.image_size).save_pretrained(out_dir)
 
@@ -146,3 +146,14 @@ def build_language_model(spec: LanguageModelSpec, tokenizer: Any) -> LlamaForCau
         tie_word_embeddings=spec.tie_word_embeddings,
     )
     return LlamaForCausalLM(config)
+
+
+def default_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """CLIP's preprocessing at ``image_size`` (resize shortest edge, centre crop, CLIP mean/std)."""
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )

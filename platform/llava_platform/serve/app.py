@@ -7,15 +7,13 @@ replica counts, autoscaling and resources come from the Serve config, per deploy
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from pydantic import ConfigDict, model_validator
 from ray.serve import Application
 
-from llava_platform import storage
 from llava_platform.config.schema import ServeConfig
-from llava_platform.model.builder import MLFLOW_SCHEMES
+from llava_platform.locations import serve_paths
 from llava_platform.serve.deployments import API_KEY_ENV, Gateway, LanguageModel, VisionEncoder
 
 
@@ -43,15 +41,6 @@ class LlavaAppArgs(ServeConfig):
                 "(infra/secrets/api_key on `ray up` clusters) or give api_key_file: a path, on the nodes, "
                 "of a file that holds the key")
         return self
-
-
-def with_absolute_model(args: ServeConfig) -> ServeConfig:
-    """``args`` with an existing relative local model path made absolute; remote, MLflow and hub
-    ids unchanged."""
-    local = not args.model.startswith(MLFLOW_SCHEMES) and not storage.is_remote(args.model)
-    if local and os.path.exists(args.model):
-        return args.model_copy(update={"model": os.path.abspath(args.model)})
-    return args
 
 
 def cpu_shortfall(deployments: list[Any], cluster_cpus: float) -> str | None:
@@ -97,5 +86,5 @@ def build_app(args: LlavaAppArgs | ServeConfig, deployment_options: dict[str, di
         problem = cpu_shortfall([gateway, encoder, llm], ray.cluster_resources().get("CPU", 0.0))
         if problem:
             logger.warning(problem)
-    args = with_absolute_model(args)
+    args = serve_paths(args)
     return gateway.bind(encoder.bind(args), llm.bind(args), args)

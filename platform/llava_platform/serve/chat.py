@@ -74,26 +74,27 @@ class LocalBackend:
     """Runs the model in this process: the vision side and the batched decoder the deployments use."""
 
     def __init__(self, model: str, storage_config: Any = None, dtype: str = "float32", max_images: int = 4):
-        from llava_platform.serve.engine import Decoder, ImageEncoderCore, ImageSpec, load_for_serving
-        from llava_platform.serve.inputs import Limits, PromptBuilder
+        from llava_platform.data.images import ImageSpec
+        from llava_platform.inference.engine import Decoder, ImageEncoderCore, load_for_serving
+        from llava_platform.serve.inputs import Limits, prompt_builder
 
         loaded, processor = load_for_serving(model, storage_config, dtype)
         self.spec = ImageSpec.from_model(loaded.config, processor)
         self.limits = Limits(max_images=max_images, max_new_tokens=4096)
-        self.prompts = PromptBuilder(processor, loaded.config, self.spec, self.limits)
+        self.prompts = prompt_builder(processor, loaded.config, self.spec, self.limits)
         self.encoder, self.decoder = ImageEncoderCore(loaded, self.spec), Decoder(loaded, processor.tokenizer)
         self.name = f"local model {model}"
 
     def stream(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float) -> Iterator[str]:
-        from llava_platform.serve.engine import DecodeRequest
-        from llava_platform.serve.inputs import load_images
+        from llava_platform.inference.engine import DecodeRequest
+        from llava_platform.serve.inputs import build_prompt, load_images
         from llava_platform.serve.protocol import parse_request
 
         try:
             request = parse_request({"model": "local", "messages": messages, "max_tokens": max_tokens,
                                      "temperature": temperature})
             images = asyncio.run(load_images(request, self.spec, self.limits, None))
-            prompt = self.prompts.build(request, images)
+            prompt = build_prompt(self.prompts, request, images)
         except ApiError as e:
             raise ChatError(e.message) from e
         feats = self.encoder([i.pixels for i in images]) if images else []

@@ -29,11 +29,12 @@ from llava_platform.config.schema import ModelSpec, ServeConfig
 from llava_platform.data.images import Decoding
 from llava_platform.serve import inputs, web
 from llava_platform.serve.metrics import EncoderMetrics, GatewayMetrics, LanguageModelMetrics
-from llava_platform.serve.engine import (DecodeRequest, Decoder, ImageEncoderCore, ImageSpec, StepOutput,
-                                         drop_modules, load_for_serving)
+from llava_platform.data.images import ImageSpec
+from llava_platform.inference.engine import (DecodeRequest, Decoder, ImageEncoderCore, StepOutput, drop_modules,
+                                             load_for_serving)
 from llava_platform.serve.protocol import (ApiError, chunk_body, completion_body, completion_id, models_body,
                                            parse_request, usage)
-from llava_platform.train.tracking import use_tracking_uri
+from llava_platform.tracking.runs import use_tracking_uri
 
 logger = logging.getLogger("ray.serve")
 API_KEY_ENV = "LLAVA_API_KEY"
@@ -406,7 +407,7 @@ class Gateway:
         self.model_name = args.model_name
         self.limits = inputs.Limits.from_config(args)
         self.spec = ImageSpec.from_model(config, processor, args.image_aspect_ratio, Decoding.from_config(args))
-        self.prompts = inputs.PromptBuilder(processor, config, self.spec, self.limits)
+        self.prompts = inputs.prompt_builder(processor, config, self.spec, self.limits)
         self.max_body = args.max_body_bytes
         self.replica_wait = args.replica_wait_timeout_s
         self.chat_page = args.chat_page
@@ -520,7 +521,7 @@ class Gateway:
                            "model", "model_not_found")
         stops = chat.stop_strings()
         images = await inputs.load_images(chat, self.spec, self.limits, self.http)
-        prompt = await asyncio.to_thread(self.prompts.build, chat, images)  # tokenizing: off the loop
+        prompt = await asyncio.to_thread(inputs.build_prompt, self.prompts, chat, images)  # tokenizing: off the loop
         req = DecodeRequest(prompt.input_ids, prompt.max_new_tokens, chat.temperature, chat.top_p, chat.seed, stops,
                             arrival=arrival)
         cid, created, n_prompt = completion_id(), int(time.time()), len(prompt.input_ids)

@@ -18,11 +18,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from llava_platform.config.schema import STAGE_TEMPLATES
-from llava_platform.data.conversation import chat_ids, chat_template
-from llava_platform.data.images import MAX_ASPECT_RATIO
-from llava_platform.errors import RecordError, TemplateError
-from llava_platform.serve.engine import ImageSpec
+from llava_platform.data.images import MAX_ASPECT_RATIO, ImageSpec
+from llava_platform.errors import RecordError
+from llava_platform.inference.prompts import PromptBuilder, PromptError
 from llava_platform.serve.protocol import ApiError, ChatCompletionRequest, Message
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S)
@@ -169,78 +167,30 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return out
 
 
-class PromptBuilder:
-    """Renders and tokenizes conversations for one model and checks them against its context."""
+def prompt_builder(processor: Any, model_config: Any, spec: ImageSpec, limits: Limits,
+                   template: str | None = None) -> PromptBuilder:
+    """The model's :class:`~llava_platform.inference.prompts.PromptBuilder` under these limits."""
+    return PromptBuilder(processor, model_config, spec, limits.max_new_tokens, limits.max_prompt_chars, template)
 
-    def __init__(self, processor: Any, model_config: Any, spec: ImageSpec, limits: Limits, template: str | None = None):
-        """``template``: a named conversation template (``vicuna_v1``, ``llava_v1``, ``plain``) instead
-        of the model's own chat template (the one it was trained with; ``vicuna_v1`` when it has none)."""
-        self.tokenizer = processor.tokenizer
-        own = getattr(processor, "chat_template", None)
-        self.template = chat_template(template) if template else (own or chat_template(STAGE_TEMPLATES["finetune"]))
-        self.image_token_id = model_config.image_token_id
-        self.context_length = int(model_config.text_config.max_position_embeddings)
-        self.spec = spec
-        self.limits = limits
 
-    def input_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Tokenized prompt ending in the assistant's turn, with each ``<image>`` expanded.
+def build_prompt(builder: PromptBuilder, request: ChatCompletionRequest, images: list[PreparedImage]) -> Prompt:
+    """The request's prompt ids and completion budget (CPU work: callers on an event loop run it in
+    a thread).
 
-        Raises:
-            ApiError: the template refuses the conversation (e.g. roles out of order).
-        """
-        if messages and messages[-1]["role"] == "assistant":
-            raise ApiError(400, "the last message must be from the user (or system), not the assistant",
-                           f"messages.{len(messages) - 1}.role", "invalid_role")
-        try:  # the ids training used (LLaVA's tokenization of the rendered prompt)
-            ids, _ = chat_ids(self.tokenizer, messages, self.template, add_generation_prompt=True, with_mask=False)
-        except TemplateError as e:  # jinja's raise_exception
-            raise ApiError(400, f"the conversation cannot be rendered for this model: {e}", "messages",
-                           "invalid_conversation") from e
-        images = sum(1 for m in messages if not isinstance(m["content"], str)
-                     for p in m["content"] if p.get("type") == "image")
-        if ids.count(self.image_token_id) != images:
-            raise ApiError(400, f"the message text contains the model's reserved image token "
-                           f"{self.tokenizer.convert_ids_to_tokens(self.image_token_id)!r}; send images as "
-                           "image_url parts and leave the token out of the text", "messages", "invalid_content")
-        out: list[int] = []
-        for t in ids:
-            out.extend([t] * self.spec.num_tokens if t == self.image_token_id else [t])
-        return out
-
-    def max_new_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
-        """The completion budget: the request's, checked against the limit and the context length.
-
-        Raises:
-            ApiError: out of range, or the prompt (plus the requested completion) does not fit.
-        """
-        asked = request.requested_max_tokens()
-        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-        if asked is not None and not 1 <= asked <= self.limits.max_new_tokens:
-            raise ApiError(400, f"`{param}` must be between 1 and {self.limits.max_new_tokens}, got {asked}",
-                           param, "invalid_value")
-        room = self.context_length - prompt_tokens
-        if room < 1 or (asked is not None and asked > room):
-            raise ApiError(400, f"This model's maximum context length is {self.context_length} tokens. However, "
-                           f"you requested {prompt_tokens + (asked or 1)} tokens ({prompt_tokens} in the messages, "
-                           f"{asked or 1} in the completion). Please reduce the length of the messages or completion.",
-                           "messages", "context_length_exceeded")
-        return asked if asked is not None else min(room, self.limits.max_new_tokens)
-
-    def build(self, request: ChatCompletionRequest, images: list[PreparedImage]) -> Prompt:
-        """The prompt's ids and completion budget.
-
-        Raises:
-            ApiError: the text is over ``max_prompt_chars`` (checked before tokenizing, which costs
-                time in proportion), or see :meth:`input_ids` and :meth:`max_new_tokens`.
-        """
-        chars = sum(len(m.content) if isinstance(m.content, str) else
-                    sum(len(p.text) for p in m.content if p.type == "text") for m in request.messages)
-        if chars > self.limits.max_prompt_chars:
-            raise ApiError(400, f"the messages hold {chars} characters of text, over this server's limit of "
-                           f"{self.limits.max_prompt_chars}", "messages", "prompt_too_long")
-        ids = self.input_ids(template_messages(request.messages))
-        return Prompt(ids, images, self.max_new_tokens(request, len(ids)))
+    Raises:
+        ApiError: 400, for what :class:`~llava_platform.inference.prompts.PromptError` names: text
+            over the limit (checked before tokenizing), a conversation the template refuses, a budget
+            out of range or past the context.
+    """
+    chars = sum(len(m.content) if isinstance(m.content, str) else
+                sum(len(p.text) for p in m.content if p.type == "text") for m in request.messages)
+    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    try:
+        builder.check_text(chars)
+        ids = builder.input_ids(template_messages(request.messages))
+        return Prompt(ids, images, builder.completion_budget(request.requested_max_tokens(), param, len(ids)))
+    except PromptError as e:
+        raise ApiError(400, e.message, e.param, e.code) from e
 
 
 async def load_images(request: ChatCompletionRequest, spec: ImageSpec, limits: Limits, client: Any) -> list[PreparedImage]:

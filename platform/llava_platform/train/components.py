@@ -29,6 +29,7 @@ from pathlib import Path
 
 from llava_platform.config.schema import ComponentRunConfig, ComponentsJobConfig
 from llava_platform.errors import LlavaPlatformError
+from llava_platform.locations import absolute_paths
 
 INFO_FILE = "component_info.json"
 # Bump when what a fingerprint covers changes meaning (objective, data layout).
@@ -152,9 +153,9 @@ def _materialized(dataset):
 
 
 def _final_metrics(uri: str, run_id: str) -> dict[str, float]:
-    from mlflow.tracking import MlflowClient
+    from llava_platform.tracking.runs import run_metrics
 
-    return {k: round(v, 4) for k, v in MlflowClient(uri).get_run(run_id).data.metrics.items()}
+    return {k: round(v, 4) for k, v in run_metrics(uri, run_id).items()}
 
 
 def pretrain_components(cfg: ComponentsJobConfig) -> ComponentsResult:
@@ -165,18 +166,16 @@ def pretrain_components(cfg: ComponentsJobConfig) -> ComponentsResult:
         ComponentsError: ``cfg.world`` is not a synthetic world.
         TrainingError: a run failed.
     """
-    import mlflow
-
     from llava_platform.data.components import language_dataset, language_documents, vision_dataset, vision_items
-    from llava_platform.train.trainer import resolve_tracking_uri
+    from llava_platform.tracking.runs import resolve_tracking_uri, use_tracking_uri
 
-    cfg = cfg.with_absolute_paths()
+    cfg = absolute_paths(cfg)
     missing = [f for f in WORLD_FILES if not Path(cfg.world, f).exists()]
     if missing:
         raise ComponentsError(f"{cfg.world} is not a synthetic world (no {', '.join(missing)}); write one with"
                               " `llava-platform data synth --out DIR`")
     uri = resolve_tracking_uri(cfg.tracking)
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     world_key = world_fingerprint(cfg.world)
     out = Path(cfg.output_path)
     tok_dir, vt_dir, lm_dir = (str(out / d) for d in ("tokenizer", "vision_tower", "language_model"))

@@ -149,7 +149,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from llava_platform.train.deepspeed_config import build_deepspeed_config
     from llava_platform.train.objectives import make_objective
-    from llava_platform.train.tracking import RunLogger, start_system_metrics, stop_system_metrics
+    from llava_platform.tracking.runs import RunLogger, start_system_metrics, stop_system_metrics
 
     _quiet_third_party_notices()
     objective = make_objective(config)

@@ -13,7 +13,6 @@ Objectives are built on the workers from the typed job config (:func:`make_objec
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
@@ -192,6 +191,7 @@ class LlavaObjective(Objective):
 
     def export(self, model, export_dir):
         from llava_platform.model.builder import save_model
+        from llava_platform.tracking.models import write_lineage
 
         from llava_platform.config.schema import STAGE_TEMPLATES
         from llava_platform.data.conversation import chat_template
@@ -201,10 +201,9 @@ class LlavaObjective(Objective):
         if template and template != STAGE_TEMPLATES["pretrain"]:  # serving and eval prompt as it trained
             self.processor.chat_template = chat_template(template)
         save_model(model, self.processor, export_dir)
-        info = {"stage": t.stage, "template": template, "run_name": self.job.name, "mlflow_run_id": self.facts["mlflow_run_id"],
-                "parent_mlflow_run_id": self.facts.get("parent_run_id"), "steps": self.facts["total_steps"]}
-        with open(os.path.join(export_dir, "training_info.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        write_lineage(export_dir, {"stage": t.stage, "template": template, "run_name": self.job.name,
+                                   "mlflow_run_id": self.facts["mlflow_run_id"],
+                                   "parent_mlflow_run_id": self.facts.get("parent_run_id"), "steps": self.facts["total_steps"]})
         if t.stage == "pretrain":
             from safetensors.torch import save_file
 

@@ -12,7 +12,9 @@ from typing import Any
 
 from llava_platform import storage
 from llava_platform.config.schema import STAGE_TEMPLATES, TrainJobConfig
+from llava_platform.data.prepared import Manifest
 from llava_platform.errors import LlavaPlatformError
+from llava_platform.locations import absolute_paths
 
 
 class TrainingError(LlavaPlatformError):
@@ -48,31 +50,31 @@ def steps_for_records(t, records: int) -> int:
     return max(1, math.floor(t.epochs * micro_per_epoch / t.gradient_accumulation_steps))
 
 
-def check_data_matches_model(job: TrainJobConfig, manifest: dict[str, Any], tokenizer, model_config) -> None:
+def check_data_matches_model(job: TrainJobConfig, manifest: Manifest, tokenizer, model_config) -> None:
     """Refuse data prepared for another tokenizer, template or image geometry.
 
     Raises:
         TrainingError: with what differs and how to fix it.
     """
     from llava_platform.data.pipeline import tokenizer_fingerprint
-    from llava_platform.model.builder import num_image_tokens
+    from llava_platform.data.images import num_image_tokens
 
     # Stage 1 trains on plain captions; stage 2 on conversations, in whichever template the data was
     # prepared with (vicuna_v1 by default, llava_v1 for data made for it), which the export records.
-    template, stage = manifest["template"], job.train.stage
+    template, stage = manifest.template, job.train.stage
     if (template == STAGE_TEMPLATES["pretrain"]) != (stage == "pretrain"):
         wanted = (f"{STAGE_TEMPLATES['pretrain']!r}" if stage == "pretrain"
                   else f"a conversation template ({STAGE_TEMPLATES['finetune']!r} by default)")
         raise TrainingError(f"{job.prepared_data} was prepared with template {template!r}, but stage {stage}"
                             f" trains with {wanted}; prepare it with stage {stage}")
-    if manifest["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
+    if manifest.tokenizer_sha256 != tokenizer_fingerprint(tokenizer):
         raise TrainingError(f"{job.prepared_data} was tokenized with a different tokenizer than the model's;"
                             " prepare the data with this model (data prepare --model ...)")
-    spec = manifest["sample_spec"]
-    if (spec["image_size"], spec["num_image_tokens"]) != (model_config.vision_config.image_size,
-                                                          num_image_tokens(model_config)):
-        raise TrainingError(f"{job.prepared_data} holds {spec['image_size']} px images with"
-                            f" {spec['num_image_tokens']} image tokens; the model wants"
+    spec = manifest.sample_spec
+    if (spec.image_size, spec.num_image_tokens) != (model_config.vision_config.image_size,
+                                                    num_image_tokens(model_config)):
+        raise TrainingError(f"{job.prepared_data} holds {spec.image_size} px images with"
+                            f" {spec.num_image_tokens} image tokens; the model wants"
                             f" {model_config.vision_config.image_size} px and {num_image_tokens(model_config)}")
 
 
@@ -124,22 +126,6 @@ def system_facts() -> dict[str, str]:
     }
 
 
-def parent_run_id(job: TrainJobConfig) -> str | None:
-    """The MLflow run that produced the model this stage starts from (stage-1 lineage), read from the
-    ``training_info.json`` every export carries; None for models not trained here."""
-    from llava_platform.model.builder import resolve_source
-
-    src = job.model.checkpoint
-    if not src:
-        return None
-    path = os.path.join(resolve_source(src, job.storage, weights=False), "training_info.json")
-    try:
-        with open(path) as f:
-            return json.load(f).get("mlflow_run_id")
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None = None,
                  trace_dir: str | None = None) -> TrainResult:
     """Run one LLaVA stage on Ray Train + DeepSpeed (Ray must be initialised).
@@ -157,54 +143,41 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     Raises:
         TrainingError: data and model do not match, or training failed.
     """
-    from llava_platform.data.pipeline import open_prepared
+    from llava_platform.data.prepared import open_prepared
     from llava_platform.model.builder import load_processor
+    from llava_platform.tracking.models import producing_run_id
+    from llava_platform.tracking.runs import resolve_tracking_uri, use_tracking_uri
 
-    import mlflow
-
-    job = job.with_absolute_paths()
+    job = absolute_paths(job)
     uri = resolve_tracking_uri(job.tracking)
-    mlflow.set_tracking_uri(uri)  # model URIs like runs:/... resolve against this server
+    use_tracking_uri(uri)  # model URIs like runs:/... resolve against this server
     for key, where in (("storage_path", job.storage_path), ("output_path", job.output_path)):
         storage.check_writable(where, key, job.storage)  # now, not after the last step
     dataset, manifest = open_prepared(job.prepared_data, job.storage)
     processor, model_config = load_processor(job.model, job.storage)
     check_data_matches_model(job, manifest, processor.tokenizer, model_config)
-    total_steps = steps_for(job, manifest["written"])
-    parent = parent_run_id(job)
+    total_steps = steps_for(job, manifest.written)
+    parent = producing_run_id(job.model.checkpoint, job.storage)  # stage 2 names its stage-1 run
     tags = {"stage1_run_id": parent} if parent else {}
     run_id = start_run(job.tracking, uri, job, job.storage_path, tags, job.storage)
     try:
         ckpt = fit("llava", job, dataset, total_steps, job.storage_path, job.storage, {
-            "image_size": manifest["sample_spec"]["image_size"], "template": manifest["template"],
+            "image_size": manifest.sample_spec.image_size, "template": manifest.template,
             "tracking_uri": uri, "mlflow_run_id": run_id,
             "system_metrics_interval_s": job.tracking.system_metrics_interval_s, "parent_run_id": parent, "output_path": job.output_path,
             "registered_model_name": job.tracking.registered_model_name}, deepspeed_overrides, trace_dir)
     except BaseException as e:  # failed, or interrupted: the MLflow run says so (a re-run resumes it)
-        from llava_platform.train.tracking import mark_failed
+        from llava_platform.tracking.runs import mark_failed
 
         mark_failed(uri, run_id, f"{type(e).__name__}: {e}")
         raise
     return TrainResult(job.name, run_id, uri, job.output_path, total_steps, ckpt)
 
 
-def resolve_tracking_uri(cfg) -> str:
-    """The run's MLflow URI: the config's, ``MLFLOW_TRACKING_URI``, or SQLite in ``./mlruns``.
-
-    Raises:
-        TrackingError: an HTTP tracking server that does not answer (checked before any work).
-    """
-    from llava_platform.train.tracking import check_reachable, tracking_uri
-
-    uri = tracking_uri(cfg, default_dir=os.path.join(os.getcwd(), "mlruns"))
-    check_reachable(uri)
-    return uri
-
-
 def start_run(tracking, uri: str, job, storage_path: str, tags: dict[str, str], storage_config=None) -> str:
     """The MLflow run of training run ``job.name`` (one across retries and re-runs; params are the
     resolved config, tags the stage and the system's facts)."""
-    from llava_platform.train.tracking import ensure_run, flatten, replay_unlogged, spool_path
+    from llava_platform.tracking.runs import ensure_run, flatten, replay_unlogged, spool_path
 
     artifact_root = None
     if uri.startswith("sqlite:///") and not tracking.artifact_location:
@@ -236,7 +209,7 @@ def fit(objective: str, job, dataset, total_steps: int, storage_path: str, stora
     from ray.train.torch import TorchTrainer
 
     from llava_platform.train.loop import train_loop
-    from llava_platform.train.tracking import spool_path
+    from llava_platform.tracking.runs import spool_path
 
     train, name = job.train, job.name
     check_room_for_data(train.num_workers * train.cpus_per_worker)

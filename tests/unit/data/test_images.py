@@ -7,7 +7,8 @@ from PIL import Image, ImageFile
 
 from llava_platform.data.images import Decoding, decode, expand_to_square, normalize, pad_colour, prepare_image, to_rgb
 from llava_platform.errors import RecordError
-from llava_platform.model.builder import CLIP_MEAN, CLIP_STD, default_image_processor
+from llava_platform.data.images import CLIP_MEAN, CLIP_STD
+from llava_platform.model.components import default_image_processor
 
 
 def png(img: Image.Image, fmt="PNG", **kw) -> bytes:

@@ -16,10 +16,23 @@ from PIL import Image
 
 from llava_platform import storage
 from llava_platform.config import PreprocessJobConfig, load_config
-from llava_platform.data.pipeline import PreprocessError, open_prepared, prepare, prepare_reference, read_manifest
+from llava_platform.data.prepared import PreprocessError, open_prepared, read_manifest
+from llava_platform.preprocess import prepare
 from llava_platform.data.sample import LlavaCollator
 
 pytestmark = pytest.mark.ray
+
+
+def prepare_reference(cfg, out_file):
+    """bench/reference.py's single-process path (the benchmark's baseline)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "bench" / "reference.py"
+    spec = importlib.util.spec_from_file_location("bench_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.prepare_reference(cfg, out_file)
 
 
 def h(v):
@@ -172,13 +185,13 @@ def test_every_record_accounted_for_with_its_reason(array_run, bad_world):
     assert "root:" not in text and "x:0:0" not in text
     assert report.written == 12  # good-0..6, good-text, 42, and the three normalised records
     manifest = read_manifest(cfg.output_path)
-    assert manifest["records_in"] == len(recs) and manifest["rejected"] == len(rejects)
-    assert sum(manifest["rejects_by_reason"].values()) == len(rejects)
-    assert manifest["normalised_by_kind"] == {"dropped_leading_gpt_turn": 1, "image_placeholder_added": 1,
+    assert manifest.records_in == len(recs) and manifest.rejected == len(rejects)
+    assert sum(manifest.rejects_by_reason.values()) == len(rejects)
+    assert manifest.normalised_by_kind == {"dropped_leading_gpt_turn": 1, "image_placeholder_added": 1,
                                               "image_placeholders_collapsed": 1}
-    assert manifest["template"] == "vicuna_v1" and len(manifest["tokenizer_sha256"]) == 64
-    assert manifest["image_layout"]["shape"] == [32, 32, 3]
-    assert manifest["config"]["data"]["data_path"] == cfg.data.data_path
+    assert manifest.template == "vicuna_v1" and len(manifest.tokenizer_sha256) == 64
+    assert manifest.image_layout["shape"] == [32, 32, 3]
+    assert manifest.config["data"]["data_path"] == cfg.data.data_path
 
 
 def test_ray_output_is_byte_identical_to_the_reference(array_run, tmp_path):
@@ -243,7 +256,7 @@ def test_reader_and_collate_feed_the_model(array_run):
     model, processor = build_preset("tiny")
     ip = processor.image_processor
     collate = LlavaCollator(processor.tokenizer.pad_token_id, ip.image_mean, ip.image_std,
-                            image_size=manifest["sample_spec"]["image_size"])
+                            image_size=manifest.sample_spec.image_size)
     seen = 0
     for batch in ds.iter_batches(batch_size=4, batch_format="pandas"):
         samples = batch.to_dict("records")
@@ -251,7 +264,7 @@ def test_reader_and_collate_feed_the_model(array_run):
         assert tensors["input_ids"].shape[0] == len(samples)
         assert np.isfinite(model(**tensors).loss.item())
         seen += len(samples)
-    assert seen == manifest["written"]
+    assert seen == manifest.written
 
 
 @pytest.mark.s3
@@ -270,7 +283,7 @@ def test_s3_end_to_end(ray_cluster, s3_server, bad_world, monkeypatch):
     report = prepare(cfg)
     assert report.records_in == len(recs) == report.written + report.rejected and report.written == 12
     manifest = read_manifest(cfg.output_path, cfg.storage)
-    assert manifest["written"] == 12
+    assert manifest.written == 12
     rejects = [json.loads(line) for line in storage.read_bytes(f"s3://{bucket}/prepared/rejects.jsonl", cfg.storage).splitlines()]
     reasons = {r["id"]: r["reason"] for r in rejects}
     assert reasons["missing"] == reasons["devzero"] == "image_missing"
@@ -323,7 +336,7 @@ def test_prepared_set_feeds_a_two_worker_train_loop(array_run, tmp_path):
     ds, manifest = open_prepared(cfg.output_path)
     trainer = TorchTrainer(
         _smoke_loop,
-        train_loop_config={"image_size": manifest["sample_spec"]["image_size"], "out": str(tmp_path)},
+        train_loop_config={"image_size": manifest.sample_spec.image_size, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="prepared-smoke", storage_path=str(tmp_path / "runs")),
         datasets={"train": ds},

@@ -9,7 +9,7 @@ import pytest
 
 from llava_platform.config.loader import load_config
 from llava_platform.config.schema import EvalJobConfig, ModelSpec
-from llava_platform.eval.evaluate import answer_key, answer_records, lineage_run_id, model_id_of, run_evaluation
+from llava_platform.eval.evaluate import answer_key, answer_records, model_id_of, run_evaluation
 from llava_platform.eval.generate import EvalError
 
 
@@ -110,8 +110,6 @@ def test_the_judge_refuses_a_context_or_rule_file_that_misses_a_question():
         _judge(judge, None, questions, key, answers, None, {"llava_bench_detail": {"prompt": "p"}})
 
 
-def test_model_ids_and_lineage(tmp_path):
+def test_model_ids():
     assert model_id_of(ModelSpec(checkpoint="models:/llava/3")) == "llava-v3"
     assert model_id_of(ModelSpec(checkpoint="/x/models/finetune/")) == "finetune"
-    assert lineage_run_id(ModelSpec(checkpoint="runs:/abc123/export")) == "abc123"
-    assert lineage_run_id(ModelSpec(checkpoint=str(tmp_path))) is None  # no training_info.json

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from inference_helpers import reference_greedy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
-from serve_helpers import reference_greedy  # noqa: E402
-
-from llava_platform.config.schema import EvalConfig, ModelSpec, StorageConfig  # noqa: E402
-from llava_platform.eval.generate import AnswerModel, EvalError, read_questions  # noqa: E402
-from llava_platform.serve.engine import ImageSpec, load_for_serving  # noqa: E402
+from llava_platform.config.schema import EvalConfig, ModelSpec, StorageConfig
+from llava_platform.data.images import ImageSpec
+from llava_platform.eval.generate import AnswerModel, EvalError, read_questions
+from llava_platform.inference.engine import load_for_serving
 
 
 def _write(path: Path, lines: list[str]) -> str:

@@ -20,6 +20,7 @@ from transformers import (
 
 from llava_platform import storage
 from llava_platform.config.schema import ModelSpec
+from llava_platform.data.images import num_image_tokens
 from llava_platform.data.sample import LlavaCollator, SampleSpec, encode_record
 from llava_platform.errors import ModelBuildError
 from llava_platform.model.builder import (
@@ -27,12 +28,11 @@ from llava_platform.model.builder import (
     build_model,
     build_preset,
     compose,
-    default_image_processor,
     describe,
     load_checkpoint,
-    num_image_tokens,
     save_model,
 )
+from llava_platform.model.components import default_image_processor
 from llava_platform.train.step import optimizer_step, trainable_parameters
 
 
@@ -259,7 +259,8 @@ def test_processor_from_mlflow_uris_downloads_no_weights(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from llava_platform.model.builder import load_processor, resolve_source
+    from llava_platform.model.builder import load_processor
+    from llava_platform.tracking.models import resolve_model_uri
 
     model, processor = build_preset("tiny")
     export = tmp_path / "export"
@@ -276,8 +277,8 @@ def test_processor_from_mlflow_uris_downloads_no_weights(tmp_path, monkeypatch):
     for source in (f"runs:/{run.info.run_id}", "models:/tiny-llava/1"):
         got = load_processor(ModelSpec(checkpoint=source))[1]
         assert got.to_dict() == model.config.to_dict()
-        local = resolve_source(source, weights=False)
+        local = resolve_model_uri(source, weights=False)
         names = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
         expected = {p.relative_to(export).as_posix() for p in export.rglob("*") if p.is_file()}
         assert names == expected - {"model.safetensors"}, source
-    assert (Path(resolve_source(f"runs:/{run.info.run_id}")) / "model.safetensors").exists()
+    assert (Path(resolve_model_uri(f"runs:/{run.info.run_id}")) / "model.safetensors").exists()

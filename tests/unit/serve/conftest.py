@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from serve_helpers import reference_greedy
+from inference_helpers import reference_greedy
 
 
 @pytest.fixture(scope="module")
 def reference(serve_app):
     """``greedy(messages, images, max_new_tokens)``: what the plain transformers model answers in this
     process, greedily, for an OpenAI-style conversation (the expected output of the Serve app)."""
-    from llava_platform.serve.engine import ImageSpec, load_for_serving
+    from llava_platform.data.images import ImageSpec
+    from llava_platform.inference.engine import load_for_serving
     from llava_platform.serve.inputs import template_messages
     from llava_platform.serve.protocol import parse_request
 

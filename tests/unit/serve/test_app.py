@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import yaml
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from llava_platform.serve.app import DEPLOYMENTS, LlavaAppArgs, build_app, with_absolute_model
+from llava_platform.serve.app import DEPLOYMENTS, LlavaAppArgs, build_app
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIGS = sorted((REPO / "serve_apps").glob("serve_config*.yaml"))
@@ -55,14 +54,6 @@ def test_the_import_path_builds_the_app_as_serve_does(tiny_model_dir):
     assert type(app).__name__ == "Application"
     with pytest.raises(Exception, match="max_batch_sise"):
         call_user_app_builder_with_args_if_necessary(app_builder, {**args, "max_batch_sise": 3})
-
-
-def test_relative_model_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
-    (tmp_path / "export").mkdir()
-    monkeypatch.chdir(tmp_path)
-    assert with_absolute_model(LlavaAppArgs(model="export")).model == os.path.join(str(tmp_path), "export")
-    for uri in ("s3://bucket/export", "models:/llava/3", "runs:/abc/export", "llava-hf/llava-1.5-7b-hf"):
-        assert with_absolute_model(LlavaAppArgs(model=uri)).model == uri
 
 
 def test_options_for_an_unknown_deployment_are_refused():

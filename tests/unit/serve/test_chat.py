@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from serve_helpers import png, reference_greedy
+from inference_helpers import png, reference_greedy
 
 from llava_platform.serve.chat import ChatError, EndpointBackend, LocalBackend, chat_loop, image_part
-from llava_platform.serve.engine import ImageSpec, load_for_serving
+from llava_platform.data.images import ImageSpec
+from llava_platform.inference.engine import load_for_serving
 
 
 def _reference(model_dir, raw: bytes, question: str, n: int) -> str:

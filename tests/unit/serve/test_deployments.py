@@ -18,9 +18,9 @@ import openai
 import pytest
 import ray
 from PIL import Image
-from serve_helpers import data_url, png, user_image_message
+from inference_helpers import data_url, png, user_image_message
 
-from llava_platform.serve.engine import DecodeRequest
+from llava_platform.inference.engine import DecodeRequest
 
 pytestmark = pytest.mark.ray
 

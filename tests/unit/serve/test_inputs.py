@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 
 import pytest
 from PIL import Image
-from serve_helpers import data_url, png
+from inference_helpers import data_url, png
 
-from llava_platform.model.builder import load_processor
 from llava_platform.config.schema import ModelSpec
-from llava_platform.serve.engine import ImageSpec
-from llava_platform.serve.inputs import (Limits, PromptBuilder, decode_data_url, fetch_image, load_images,
-                                         prepare_image_bytes, template_messages)
+from llava_platform.model.builder import load_processor
+from llava_platform.data.images import ImageSpec
+from llava_platform.serve.inputs import (Limits, build_prompt, decode_data_url, fetch_image, load_images,
+                                         prepare_image_bytes, prompt_builder, template_messages)
 from llava_platform.serve.protocol import ApiError, parse_request
 
 
 @pytest.fixture(scope="module")
-def builder(tiny_model_dir):
+def model_parts(tiny_model_dir):
     processor, config = load_processor(ModelSpec(checkpoint=str(tiny_model_dir)))
-    spec = ImageSpec.from_model(config, processor)
-    return PromptBuilder(processor, config, spec, Limits(max_new_tokens=64, max_images=1))
+    return processor, config, ImageSpec.from_model(config, processor)
+
+
+@pytest.fixture(scope="module")
+def builder(model_parts):
+    return prompt_builder(*model_parts, Limits(max_new_tokens=64, max_images=1))
 
 
 def _request(content, **kw):
@@ -79,21 +82,21 @@ def test_load_images_counts_and_orders(builder):
             {"role": "assistant", "content": two[:1]}, {"role": "user", "content": "x"}]}), builder.spec, Limits(), None))
 
 
-def test_prompt_expands_the_image_and_ends_with_the_assistant_turn(builder):
+def test_template_messages_map_openai_roles_and_parts():
     req = _request([{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "colour?"}])
-    ids = builder.input_ids(template_messages(req.messages))
-    assert ids.count(builder.image_token_id) == builder.spec.num_tokens
-    assert builder.tokenizer.decode(ids).rstrip().endswith("ASSISTANT:")
+    assert template_messages(req.messages) == [{"role": "user", "content": [{"type": "image"},
+                                                                           {"type": "text", "text": "colour?"}]}]
     assert template_messages(parse_request({"model": "m", "messages": [{"role": "developer", "content": "be brief"},
                                             {"role": "user", "content": "x"}]}).messages)[0]["role"] == "system"
 
 
-def test_token_budget_and_context(builder):
-    req = _request("hi", max_tokens=65)
-    assert _refused(builder.max_new_tokens, req, 10).param == "max_tokens"
-    assert builder.max_new_tokens(_request("hi"), 10) == 64
-    err = _refused(builder.max_new_tokens, _request("hi", max_tokens=10), builder.context_length - 5)
-    assert err.code == "context_length_exceeded" and str(builder.context_length) in err.message
+def test_prompt_refusals_are_400s_naming_the_param(builder, model_parts):
+    prompt = build_prompt(builder, _request("hi"), [])
+    assert prompt.max_new_tokens == 64 and builder.tokenizer.decode(prompt.input_ids).rstrip().endswith("ASSISTANT:")
+    assert _refused(build_prompt, builder, _request("hi", max_tokens=65), []).param == "max_tokens"
+    assert _refused(build_prompt, builder, _request("hi", max_completion_tokens=0), []).param == "max_completion_tokens"
     last_assistant = parse_request({"model": "m", "messages": [{"role": "user", "content": "a"},
                                                               {"role": "assistant", "content": "b"}]})
-    assert _refused(builder.build, last_assistant, []).code == "invalid_role"
+    assert _refused(build_prompt, builder, last_assistant, []).code == "invalid_role"
+    small = prompt_builder(*model_parts, Limits(max_prompt_chars=3))
+    assert _refused(build_prompt, small, _request("four"), []).code == "prompt_too_long"

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serve_helpers import png, user_image_message
+from inference_helpers import png, user_image_message
 
-from llava_platform.serve.engine import DecodeRequest
+from llava_platform.inference.engine import DecodeRequest
 from llava_platform.serve.metrics import exported_names
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "infra" / "grafana" / "llava-serve.json"
@@ -61,7 +61,8 @@ def settled(url: str, app: str, interval: float = 4.5, timeout: float = 60) -> t
 @pytest.mark.ray
 def test_scraped_metrics_match_the_traffic_sent(serve_app, ray_cluster, tiny_model_dir):
     from llava_platform.config.schema import ModelSpec
-    from llava_platform.model.builder import load_processor, num_image_tokens
+    from llava_platform.data.images import num_image_tokens
+    from llava_platform.model.builder import load_processor
 
     url, app = ray_cluster.metrics_url, serve_app.name
     before, _ = settled(url, app)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import png
+from inference_helpers import png
 
 from llava_platform.serve import web
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava_platform.config import PreprocessJobConfig, TrainJobConfig, load_config
-from llava_platform.data.pipeline import prepare
+from llava_platform.preprocess import prepare
 from llava_platform.model.builder import build_preset
 from llava_platform.train.objectives import apply_lora
 from llava_platform.train.trainer import TrainingError, run_training
@@ -318,7 +318,7 @@ def test_a_tracking_server_that_dies_mid_run_costs_no_training_and_is_caught_up_
     replays it, logs the export and registers it."""
     from mlflow.tracking import MlflowClient
 
-    from llava_platform.train.tracking import spool_path
+    from llava_platform.tracking.runs import spool_path
 
     start_mlflow_server, stop_process = mlflow_process
     server_root = tmp_path / "server"

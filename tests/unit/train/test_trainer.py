@@ -21,26 +21,35 @@ def test_steps_from_epochs_and_max_steps():
         steps_for(job(), 3)
 
 
+def _manifest(template: str, tokenizer_sha256: str, image_size: int = 32, num_image_tokens: int = 16):
+    from llava_platform.data.prepared import Manifest
+    from llava_platform.data.sample import SampleSpec
+
+    spec = SampleSpec(template, 64, image_size, num_image_tokens, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return Manifest(stage="pretrain", records_in=1, written=1, rejected=0, rejects_by_reason={}, normalised_by_kind={},
+                    template=template, template_sha256="", tokenizer_sha256=tokenizer_sha256, sample_spec=spec,
+                    image_layout={}, sources={}, config={}, created_unix=0)
+
+
 def test_data_must_match_model():
     from llava_platform.data.pipeline import tokenizer_fingerprint
     from llava_platform.model.builder import build_preset
 
     model, processor = build_preset("tiny")
-    good = {"template": "plain", "tokenizer_sha256": tokenizer_fingerprint(processor.tokenizer),
-            "sample_spec": {"image_size": 32, "num_image_tokens": 16}}
+    sha = tokenizer_fingerprint(processor.tokenizer)
+    good = _manifest("plain", sha)
     check_data_matches_model(job(), good, processor.tokenizer, model.config)
     with pytest.raises(TrainingError, match="template 'plain'.*trains with a conversation template \\('vicuna_v1'"):
         check_data_matches_model(job(**{"train.stage": "finetune"}), good, processor.tokenizer, model.config)
     for template in ("vicuna_v1", "llava_v1"):  # stage 2 takes data prepared in either
-        check_data_matches_model(job(**{"train.stage": "finetune"}), {**good, "template": template},
+        check_data_matches_model(job(**{"train.stage": "finetune"}), _manifest(template, sha),
                                  processor.tokenizer, model.config)
     with pytest.raises(TrainingError, match="template 'vicuna_v1', but stage pretrain trains with 'plain'"):
-        check_data_matches_model(job(), {**good, "template": "vicuna_v1"}, processor.tokenizer, model.config)
+        check_data_matches_model(job(), _manifest("vicuna_v1", sha), processor.tokenizer, model.config)
     with pytest.raises(TrainingError, match="different tokenizer"):
-        check_data_matches_model(job(), {**good, "tokenizer_sha256": "0" * 64}, processor.tokenizer, model.config)
+        check_data_matches_model(job(), _manifest("plain", "0" * 64), processor.tokenizer, model.config)
     with pytest.raises(TrainingError, match="holds 64 px images"):
-        check_data_matches_model(job(), {**good, "sample_spec": {"image_size": 64, "num_image_tokens": 64}},
-                                 processor.tokenizer, model.config)
+        check_data_matches_model(job(), _manifest("plain", sha, 64, 64), processor.tokenizer, model.config)
 
 
 @pytest.mark.ray

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava_platform.serve.engine import (DecodeRequest, Decoder, ImageEncoderCore, ImageSpec, drop_modules,
-                                         load_for_serving)
-from llava_platform.serve.inputs import Limits, PromptBuilder
+from llava_platform.data.images import ImageSpec
+from llava_platform.inference.engine import DecodeRequest, Decoder, ImageEncoderCore, drop_modules, load_for_serving
+from llava_platform.inference.prompts import PromptBuilder
 
-from serve_helpers import png, reference_greedy
+from inference_helpers import png, reference_greedy
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def _prompt(loaded, text, with_image=True):
     model, processor, spec = loaded
     content = [{"type": "image"}, {"type": "text", "text": text}] if with_image else text
     messages = [{"role": "user", "content": content}]
-    return messages, PromptBuilder(processor, model.config, spec, Limits()).input_ids(messages)
+    return messages, PromptBuilder(processor, model.config, spec).input_ids(messages)
 
 
 def test_batched_greedy_equals_transformers_generate_per_request(loaded):

@@ -1,5 +1,5 @@
 from llava_platform.config.schema import TrackingConfig
-from llava_platform.train.tracking import RunLogger, ensure_run, flatten, tracking_uri
+from llava_platform.tracking.runs import RunLogger, ensure_run, flatten, tracking_uri
 
 
 def test_flatten():
@@ -45,8 +45,7 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_clear_error(mlflow_s
 
     from llava_platform.config.schema import TrackingConfig
     from llava_platform.errors import TrackingError
-    from llava_platform.train.trainer import resolve_tracking_uri
-    from llava_platform.train.tracking import check_reachable
+    from llava_platform.tracking.runs import check_reachable, resolve_tracking_uri
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -74,7 +73,7 @@ def test_metrics_survive_a_tracking_server_that_dies_and_are_replayed_when_it_re
 
     from mlflow.tracking import MlflowClient
 
-    from llava_platform.train.tracking import replay_unlogged, spool_path
+    from llava_platform.tracking.runs import replay_unlogged, spool_path
 
     start_mlflow_server, stop_process = mlflow_process
 

@@ -1,4 +1,4 @@
-"""MLflow tracking for training runs: one MLflow run per training run, across retries and resumes.
+"""MLflow runs: one MLflow run per training (or evaluation) run, across retries and resumes.
 
 The driver creates (or finds) the run before Ray Train starts, keyed by the training run's name and
 storage path, and hands its id to the workers; rank 0 then logs into that same run, so a restarted
@@ -52,6 +52,27 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         reason = getattr(e, "reason", e)
         raise TrackingError(f"the MLflow tracking server at {uri} is not reachable ({reason}); start it, or set "
                             "tracking.tracking_uri (or MLFLOW_TRACKING_URI) to one that is") from None
+
+
+def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+    """A job's MLflow URI: the config's, ``MLFLOW_TRACKING_URI``, or SQLite in ``./mlruns``.
+
+    Raises:
+        TrackingError: an HTTP tracking server that does not answer (checked before any work).
+    """
+    uri = tracking_uri(cfg, default_dir=os.path.join(os.getcwd(), "mlruns"))
+    check_reachable(uri)
+    return uri
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """A run's latest value of each metric."""
+    return dict(_client(uri).get_run(run_id).data.metrics)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[float]:
+    """Every logged value of ``key`` in a run, in step order."""
+    return [m.value for m in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def use_tracking_uri(uri: str | None) -> None:

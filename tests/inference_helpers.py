@@ -34,9 +34,9 @@ def user_image_message(raw: bytes, text: str) -> dict:
 def reference_greedy(model, processor, spec, builder_messages, images: list[bytes], max_new_tokens: int) -> str:
     """What the plain transformers model generates in one process: ``generate(pixel_values=...)``
     with greedy decoding, on the same rendered prompt."""
-    from llava_platform.serve.inputs import Limits, PromptBuilder
+    from llava_platform.inference.prompts import PromptBuilder
 
-    builder = PromptBuilder(processor, model.config, spec, Limits())
+    builder = PromptBuilder(processor, model.config, spec)
     ids = builder.input_ids(builder_messages)
     kwargs = {}
     if images:

@@ -19,38 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from llava_platform.data.images import MAX_ASPECT_RATIO, AspectRatio, Decoding, decode, normalize, prepare_image
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How an image becomes vision-tower input: the tower's size, the processor's mean/std, the
-    aspect-ratio handling used in training, and how many embeddings the projector yields."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    num_tokens: int
-    aspect_ratio: AspectRatio = "pad"
-    decoding: Decoding = Decoding()
-
-    @classmethod
-    def from_model(cls, config: Any, processor: Any, aspect_ratio: AspectRatio = "pad",
-                   decoding: Decoding = Decoding()) -> "ImageSpec":
-        from llava_platform.model.builder import num_image_tokens
-
-        ip = processor.image_processor
-        return cls(config.vision_config.image_size, tuple(ip.image_mean), tuple(ip.image_std),  # type: ignore[arg-type]
-                   num_image_tokens(config), aspect_ratio, decoding)
-
-    def prepare(self, data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> np.ndarray:
-        """Decode and square/resize image bytes to uint8 HWC, as the training pipeline does.
-
-        Raises:
-            RecordError: empty, undecodable, truncated, or over a size limit (see ``check_size``).
-        """
-        img = decode(data, max_pixels, max_aspect_ratio, self.decoding)
-        return prepare_image(img, self.size, self.aspect_ratio, self.mean)
+from llava_platform.data.images import ImageSpec, normalize
 
 
 def drop_modules(model: Any, keep: str) -> Any:
