@@ -14,7 +14,9 @@ from ray.serve import Application
 
 from llava_platform.config.schema import ServeConfig
 from llava_platform.locations import serve_paths
-from llava_platform.serve.deployments import API_KEY_ENV, Gateway, LanguageModel, VisionEncoder
+from llava_platform.serve.encoder import VisionEncoder
+from llava_platform.serve.gateway import API_KEY_ENV, Gateway
+from llava_platform.serve.language_model import LanguageModel
 
 
 DEPLOYMENTS = (Gateway, VisionEncoder, LanguageModel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 from inference_helpers import reference_greedy
 
@@ -23,3 +24,9 @@ def reference(serve_app):
         return reference_greedy(model, processor, spec, template_messages(req.messages), images, max_new_tokens)
 
     return greedy
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    """The official openai client on the session's Serve app."""
+    return openai.OpenAI(base_url=f"{serve_app.url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -75,7 +75,7 @@ def test_a_literal_api_key_in_the_app_args_is_refused_and_a_key_file_is_read(tmp
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
     from llava_platform.config.schema import ServeConfig
-    from llava_platform.serve.deployments import api_key
+    from llava_platform.serve.gateway import api_key
     from serve_apps.llava_chat import app_builder
 
     with pytest.raises(Exception, match="LLAVA_API_KEY") as err:

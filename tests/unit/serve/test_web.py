@@ -53,7 +53,7 @@ def test_page_links_its_files_under_the_route_prefix():
         assert f'data-root="{root}"' in html and "{root}" not in html
     assert 'data-root="/a&quot;b"' in web.page('/a"b')  # escaped, never raw markup
     assert web.asset("chat.js")[1].startswith("text/javascript")
-    assert web.asset("../deployments.py") is None and web.asset("chat.html") is None
+    assert web.asset("../gateway.py") is None and web.asset("chat.html") is None
 
 
 def test_gateway_serves_the_page_with_a_strict_content_policy(serve_app):

@@ -1,11 +1,10 @@
-"""The three Ray Serve deployments: ``VisionEncoder`` and ``LanguageModel`` (each autoscaled on its
-own, each batching concurrent calls with ``@serve.batch``) and the FastAPI ``Gateway`` that speaks
-the OpenAI API and holds handles to the other two.
+"""The ``Gateway`` deployment: the OpenAI-compatible HTTP API (FastAPI) in front of the
+``VisionEncoder`` and ``LanguageModel`` handles: auth, limits, request validation, prompt building,
+streaming (SSE), and what a client sees when a model replica is lost.
 
 A request's image embeddings go from the encoder to the language model as ``DeploymentResponse``
 arguments: Ray passes them between the two replicas without routing the tensors through the gateway.
 """
-
 
 import asyncio
 import hmac
@@ -13,12 +12,8 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -26,27 +21,17 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_platform.config.schema import ModelSpec, ServeConfig
-from llava_platform.data.images import Decoding
+from llava_platform.data.images import Decoding, ImageSpec
+from llava_platform.inference.engine import DecodeRequest, StepOutput
 from llava_platform.serve import inputs, web
-from llava_platform.serve.metrics import EncoderMetrics, GatewayMetrics, LanguageModelMetrics
-from llava_platform.data.images import ImageSpec
-from llava_platform.inference.engine import (DecodeRequest, Decoder, ImageEncoderCore, StepOutput, drop_modules,
-                                             load_for_serving)
+from llava_platform.serve.metrics import GatewayMetrics
 from llava_platform.serve.protocol import (ApiError, chunk_body, completion_body, completion_id, models_body,
                                            parse_request, usage)
+from llava_platform.serve.replica import replica_gone
 from llava_platform.tracking.runs import use_tracking_uri
 
 logger = logging.getLogger("ray.serve")
 API_KEY_ENV = "LLAVA_API_KEY"
-
-
-def _load(args: ServeConfig) -> tuple[Any, Any]:
-    use_tracking_uri(args.tracking_uri)
-    return load_for_serving(args.model, args.storage, args.dtype)
-
-
-def _replica_id() -> str:
-    return serve.get_replica_context().replica_id.unique_id
 
 
 def api_key(args: ServeConfig) -> bytes | None:
@@ -69,240 +54,6 @@ def api_key(args: ServeConfig) -> bytes | None:
     else:
         key = os.environ.get(API_KEY_ENV, "").strip()
     return key.encode() if key else None
-
-
-class _Unhealthy:
-    """Records an internal failure (not a bad request) so ``check_health`` fails and Serve replaces
-    the replica."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-
-    def check(self) -> None:
-        if self.reason:
-            raise RuntimeError(self.reason)
-
-
-# Defaults fit the embedded default on a 2-CPU machine (0.25 + 0.5 + 1 CPU); the Serve config
-# YAML overrides them per deployment. LanguageModel's max_ongoing_requests sits above the default
-# max_batch_size (16) so that a full batch can form (Serve's own default of 5 capped it at 5 rows).
-@serve.deployment(name="VisionEncoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
-class VisionEncoder:
-    """Images -> projected image embeddings. Concurrent calls are batched; an LRU cache keyed by the
-    image's content hash (and a table of encodes in flight) means a repeated image skips the tower."""
-
-    def __init__(self, args: ServeConfig):
-        model, processor = _load(args)
-        spec = ImageSpec.from_model(model.config, processor, args.image_aspect_ratio, Decoding.from_config(args))
-        self.core = ImageEncoderCore(drop_modules(model, "vision"), spec)
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.cache_size = args.encoder_cache_size
-        self.inflight: dict[str, asyncio.Future] = {}
-        self.counts = {"requests": 0, "encoded": 0, "cache_hits": 0, "batches": 0}
-        self.metrics = EncoderMetrics(args.model_name)
-        self.cache_bytes = 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
-        self.health = _Unhealthy()
-        self._encode_batch.set_max_batch_size(args.encoder_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(args.encoder_batch_wait_timeout_s)
-
-    async def encode(self, key: str, pixels: np.ndarray) -> torch.Tensor:
-        """The ``[num_tokens, hidden]`` embeddings of one prepared image (``key``: content hash)."""
-        self.counts["requests"] += 1
-        if key in self.cache:
-            self.counts["cache_hits"] += 1
-            self.metrics.hits.inc()
-            self.cache.move_to_end(key)
-            return self.cache[key]
-        if key in self.inflight:  # the same image is being encoded for another request
-            self.counts["cache_hits"] += 1
-            self.metrics.hits.inc()
-            return await asyncio.shield(self.inflight[key])
-        self.metrics.misses.inc()
-        future = asyncio.ensure_future(self._encode_batch(pixels))
-        self.inflight[key] = future
-        try:
-            feats = await asyncio.shield(future)
-        finally:
-            self.inflight.pop(key, None)
-        if self.cache_size and key not in self.cache:
-            self.cache[key] = feats
-            self.cache_bytes += feats.nbytes
-            while len(self.cache) > self.cache_size:
-                self.cache_bytes -= self.cache.popitem(last=False)[1].nbytes
-            self.metrics.cache_size(len(self.cache), self.cache_bytes)
-        return feats
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
-        self.counts["batches"] += 1
-        self.counts["encoded"] += len(images)
-        started = time.monotonic()
-        try:
-            feats = await asyncio.get_running_loop().run_in_executor(self.pool, self.core, images)
-            self.metrics.encoded.inc(len(images))
-            self.metrics.latency.observe(time.monotonic() - started)
-            return feats
-        except Exception as e:
-            self.health.reason = f"vision encoder failed: {type(e).__name__}: {e}"
-            raise
-
-    def stats(self) -> dict[str, Any]:
-        """This replica's counters: ``encoded`` is the number of images that ran through the vision
-        tower, ``cache_hits`` the calls answered from the cache (or from an encode in flight)."""
-        return dict(self.counts, cached=len(self.cache), replica=_replica_id())
-
-    def check_health(self) -> None:
-        self.health.check()
-
-
-@serve.deployment(name="LanguageModel", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
-class LanguageModel:
-    """Prompt ids + image embeddings -> text, streamed (``generate``) or whole (``complete``).
-
-    Concurrent calls decode together. ``@serve.batch`` groups the calls that arrive within
-    ``batch_wait_timeout_s``; each group is prefilled and joins the batch that is already decoding
-    at the next step (continuous batching, up to ``max_batch_size`` rows), and a finished row leaves
-    at once. So a request never waits for another request's whole answer.
-    """
-
-    def __init__(self, args: ServeConfig):
-        model, processor = _load(args)
-        self.decoder = Decoder(drop_modules(model, "language"), processor.tokenizer)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
-        self.max_rows = args.max_batch_size
-        self.waiting: list[tuple[list[tuple[DecodeRequest, list[torch.Tensor]]], asyncio.Queue]] = []
-        self.driver: asyncio.Task | None = None
-        self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch": 0, "cancelled": 0, "errors": 0}
-        self.metrics = LanguageModelMetrics(args.model_name)
-        self.health = _Unhealthy()
-        self._decode_batch.set_max_batch_size(args.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
-
-    async def generate(self, request: DecodeRequest, *features: torch.Tensor) -> AsyncIterator[StepOutput]:
-        """Stream one request's output, piece by piece (call with ``.options(stream=True)``).
-
-        Raises:
-            ValueError: the prompt's image tokens do not match the embeddings given.
-        """
-        self.decoder.check(request, features)
-        self.counts["requests"] += 1
-        request.received = time.monotonic()
-        # Times are measured from the request's arrival at the Gateway (its wall clock, sent along).
-        since_arrival = max(time.time() - request.arrival, 0.0) if request.arrival else 0.0
-        origin = request.received - since_arrival
-        reason, tokens, first, last = "cancelled", 0, None, None
-        try:
-            async for out in self._decode_batch((request, list(features))):
-                if out.completion_tokens > tokens:
-                    last = time.monotonic() - origin
-                    first = last if first is None else first
-                    tokens = out.completion_tokens
-                if out.finish_reason is not None:
-                    reason = out.finish_reason
-                if out.text or out.finish_reason:
-                    yield out
-        except Exception:
-            reason = "error"
-            raise
-        finally:
-            if reason == "cancelled":  # the caller went away (client disconnected, Stop pressed): free the row
-                request.cancelled = True
-            self.metrics.finish(reason, len(request.input_ids), tokens, first, last)
-
-    async def complete(self, request: DecodeRequest, *features: torch.Tensor) -> StepOutput:
-        """One request's whole output in one reply (no per-token messages between replicas)."""
-        text, last = "", StepOutput("", 0, "stop")
-        async for out in self.generate(request, *features):
-            text, last = text + out.text, out
-        return StepOutput(text, last.completion_tokens, last.finish_reason, last.error, last.batch_rows)
-
-    # Ray forms the next group while earlier ones decode; _drive merges them all into one batch.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
-    async def _decode_batch(self, items: list[tuple[DecodeRequest, list[torch.Tensor]]]) -> AsyncIterator[list[Any]]:
-        queue: asyncio.Queue = asyncio.Queue()
-        self.waiting.append((items, queue))
-        if self.driver is None or self.driver.done():
-            self.driver = asyncio.create_task(self._drive())
-        while True:
-            step = await queue.get()
-            if step is None:
-                return
-            if isinstance(step, BaseException):
-                raise step
-            yield step
-
-    async def _drive(self) -> None:
-        """Continuous batching: between decode steps, waiting calls are prefilled and join the
-        running batch (up to ``max_batch_size`` rows); finished rows leave it at once."""
-        loop = asyncio.get_running_loop()
-        batch = None
-        groups: dict[int, dict[str, Any]] = {}
-        next_id = 0
-
-        def fail(ids: list[int], error: Exception) -> None:
-            for gid in ids:
-                groups.pop(gid)["queue"].put_nowait(error)
-
-        while self.waiting or (batch is not None and batch.rows):
-            room = self.max_rows - (len(batch.rows) if batch is not None else 0)
-            admitted, reqs, feats, tags = [], [], [], []
-            if self.waiting and room > 0:
-                # A group joins only whole and only where it fits: the batch never exceeds max_rows.
-                # Groups are at most max_rows (serve.batch's bound), so the head always fits an
-                # empty batch and waits at most until enough rows finish.
-                empty = batch is None or not batch.rows
-                while self.waiting and (len(self.waiting[0][0]) <= room - len(reqs) or (empty and not reqs)):
-                    items, queue = self.waiting.pop(0)
-                    gid, next_id = next_id, next_id + 1
-                    groups[gid] = {"queue": queue, "n": len(items), "done": 0}
-                    admitted.append(gid)
-                    for k, (req, feat) in enumerate(items):
-                        self.metrics.queue_wait.observe(time.monotonic() - req.received)
-                        reqs.append(req)
-                        feats.append(feat)
-                        tags.append((gid, k))
-            if reqs:
-                try:
-                    new = await loop.run_in_executor(self.pool, self.decoder.start, reqs, feats, tags)
-                    batch = new if batch is None else await loop.run_in_executor(self.pool, self.decoder.join, batch, new)
-                except Exception as e:  # noqa: BLE001 - reported to the admitted groups only
-                    if not isinstance(e, ValueError):
-                        self.health.reason = f"prefill failed: {type(e).__name__}: {e}"
-                    fail(admitted, e)
-                    continue
-                self.counts["batches"] += 1
-                self.counts["rows"] += len(reqs)
-                self.counts["max_batch"] = max(self.counts["max_batch"], len(batch.rows))
-            try:
-                outs = await loop.run_in_executor(self.pool, self.decoder.step, batch)
-            except Exception as e:
-                self.health.reason = f"decoding failed: {type(e).__name__}: {e}"
-                fail(list(groups), e)
-                batch = None
-                continue
-            lists: dict[int, list[Any]] = {}
-            self.metrics.batch_rows.observe(len(outs))
-            for (gid, k), out in outs:
-                self.counts["cancelled"] += out.finish_reason == "cancelled"
-                if out.finish_reason == "cancelled":
-                    self.metrics.cancelled.inc()
-                self.counts["errors"] += out.finish_reason == "error"
-                group = groups[gid]
-                lists.setdefault(gid, [StopIteration] * group["n"])[k] = out
-                group["done"] += out.finish_reason is not None
-            for gid, entries in lists.items():
-                groups[gid]["queue"].put_nowait(entries)
-                if groups[gid]["done"] == groups[gid]["n"]:
-                    groups.pop(gid)["queue"].put_nowait(None)
-
-    def stats(self) -> dict[str, Any]:
-        """This replica's counters (``max_batch``: the most rows that decoded together; ``cancelled``:
-        rows that left early because their caller went away)."""
-        return dict(self.counts, replica=_replica_id())
-
-    def check_health(self) -> None:
-        self.health.check()
 
 
 class ObserveRequests:
@@ -388,8 +139,6 @@ def generation_failed(out: StepOutput) -> ApiError:
 #: Seconds a client is told to wait (``Retry-After``) when no model replica can take its request.
 RETRY_AFTER_S = 5
 
-_REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError")
-
 
 @serve.deployment(name="Gateway", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
@@ -471,7 +220,7 @@ class Gateway:
                                "(replicas starting or all busy); retry later", code="replica_unavailable",
                                retry_after=RETRY_AFTER_S) from None
             except Exception as e:
-                gone = type(e).__name__ in _REPLICA_GONE or any(n in repr(e) for n in _REPLICA_GONE)
+                gone = replica_gone(e)
                 if not gone or produced or attempt:
                     if gone:
                         raise ApiError(503, "the model replica serving this request went away; retry",
