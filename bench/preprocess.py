@@ -29,7 +29,8 @@ from pathlib import Path
 
 def make_inputs(root: Path, n: int) -> tuple[Path, Path]:
     from llava_platform.data.synthetic import write_dataset
-    from llava_platform.model.builder import build_preset, save_model
+    from llava_platform.model.builder import save_model
+    from llava_platform.model.presets import build_preset
 
     write_dataset(root / "synth", n=n, seed=0, n_eval=1, scale=4, image_format="jpg")
     records = json.loads((root / "synth" / "instruct.json").read_text())

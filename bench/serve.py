@@ -199,7 +199,8 @@ def main() -> None:
     from ray import serve
 
     from llava_platform.data.images import normalize
-    from llava_platform.model.builder import build_preset, save_model
+    from llava_platform.model.builder import save_model
+    from llava_platform.model.presets import build_preset
     from llava_platform.serve.app import LlavaAppArgs, build_app
     from llava_platform.data.images import ImageSpec
     from llava_platform.inference.engine import load_for_serving

@@ -44,7 +44,8 @@ def main() -> None:
     from llava_platform.preprocess import prepare
     from llava_platform.data.sample import LlavaCollator
     from llava_platform.data.synthetic import write_dataset
-    from llava_platform.model.builder import apply_stage, build_preset
+    from llava_platform.train.freezing import apply_stage
+    from llava_platform.model.presets import build_preset
     from llava_platform.ray_utils import init_ray
     from llava_platform.train.step import optimizer_step, trainable_parameters
     from llava_platform.train.trainer import run_training

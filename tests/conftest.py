@@ -142,7 +142,7 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The tiny preset's tokenizer (do not mutate)."""
-    from llava_platform.model.builder import build_preset
+    from llava_platform.model.presets import build_preset
 
     return build_preset("tiny")[1].tokenizer
 
@@ -224,7 +224,8 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny preset (seed 1) saved in HF format, as a training export would be (read-only)."""
-    from llava_platform.model.builder import build_preset, save_model
+    from llava_platform.model.builder import save_model
+    from llava_platform.model.presets import build_preset
 
     out = tmp_path_factory.mktemp("tiny_model")
     model, processor = build_preset("tiny", seed=1)

@@ -127,3 +127,12 @@ def test_each_room_imports_only_the_rooms_below_it():
     assert not wrong, f"imports across layers: {wrong}"
     rooms = {_room(m) for m in _import_graph()}
     assert rooms <= set(ALLOWED) | ENTRY_POINTS, f"rooms without a rule: {rooms - set(ALLOWED) - ENTRY_POINTS}"
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {long}"

@@ -184,7 +184,7 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
 
 def _cmd_model_components(args: argparse.Namespace) -> int:
     from llava_platform.config.loader import load_config
-    from llava_platform.config.schema import ComponentsJobConfig
+    from llava_platform.config.components import ComponentsJobConfig
     from llava_platform.ray_utils import init_ray
     from llava_platform.train.components import run_components
 

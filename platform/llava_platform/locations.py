@@ -9,13 +9,8 @@ import os
 from typing import TypeVar
 
 from llava_platform import storage
-from llava_platform.config.schema import (
-    ComponentsJobConfig,
-    ModelSpec,
-    PreprocessJobConfig,
-    ServeConfig,
-    TrainJobConfig,
-)
+from llava_platform.config.components import ComponentsJobConfig
+from llava_platform.config.schema import ModelSpec, PreprocessJobConfig, ServeConfig, TrainJobConfig
 from llava_platform.errors import StorageError
 
 Job = TypeVar("Job", PreprocessJobConfig, TrainJobConfig, ComponentsJobConfig)

@@ -18,6 +18,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # HF tokenizers in this process, then forked workers: parallelism off (else a warning per worker).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_accelerator_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

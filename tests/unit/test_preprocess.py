@@ -1,7 +1,7 @@
 """The preprocess job's model side: the tokenizer and sample spec follow the model and the stage."""
 
 from llava_platform.config import PreprocessJobConfig, load_config
-from llava_platform.model.builder import build_preset
+from llava_platform.model.presets import build_preset
 from llava_platform.preprocess import sample_spec_for
 
 

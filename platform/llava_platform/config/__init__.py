@@ -1,10 +1,8 @@
 """Typed, strict run configuration: pydantic models, YAML loading and dotted overrides."""
 
 from llava_platform.config.loader import apply_overrides, load_config, parse_overrides
+from llava_platform.config.components import ComponentsJobConfig, LanguageModelSpec, VisionTowerSpec
 from llava_platform.config.schema import (
-    ComponentsJobConfig,
-    LanguageModelSpec,
-    VisionTowerSpec,
     DataConfig,
     EvalConfig,
     ModelSpec,

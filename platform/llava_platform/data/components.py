@@ -18,10 +18,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from llava_platform.config.schema import STAGE_TEMPLATES, VisionTowerSpec
+from llava_platform.config.components import VisionTowerSpec
+from llava_platform.config.schema import STAGE_TEMPLATES
 from llava_platform.data.conversation import IMAGE_PLACEHOLDER, chat_ids, chat_template, llava_turns_to_messages
 from llava_platform.data.images import CLIP_MEAN, CLIP_STD, expand_to_square, normalize, pad_colour
-from llava_platform.data.synthetic import COLOURS, SHAPES
+from llava_platform.data.scenes import COLOURS, SHAPES
 
 
 def read_world(world: str) -> tuple[dict[str, dict], list[dict], list[dict]]:

@@ -15,29 +15,25 @@ Everything is a pure function of the seed, so two runs with the same seed write 
 from __future__ import annotations
 
 import json
-import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from PIL import Image, ImageDraw
+from llava_platform.data.scenes import (
+    COLOURS,
+    CORNERS,
+    NUMBER_WORDS,
+    SHAPE_COUNTS,
+    SHAPES,
+    Scene,
+    Shape,
+    random_scene,
+    render,
+    save_image,
+    scene_record,
+)
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
-COLOURS = {
-    "red": (215, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 215),
-    "yellow": (235, 205, 30),
-    "purple": (135, 55, 185),
-    "orange": (240, 135, 25),
-}
-BACKGROUNDS = {"white": (250, 250, 250), "grey": (205, 205, 205), "beige": (235, 225, 200), "black": (25, 25, 25)}
-ROWS = ("top", "middle", "bottom")
-COLS = ("left", "center", "right")
-SIZES = ("small", "large")
-CORNERS = {"circle": 0, "square": 4, "triangle": 3, "star": 10, "diamond": 4, "hexagon": 6}
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 SHORT = "Answer the question using a single word or phrase."
 EVAL_CATEGORIES = ("colour", "shape", "count", "position", "yes_no")
 
@@ -64,93 +60,6 @@ TEXT_ONLY = (
     ("Which has more corners, a star or a square?", "A five-pointed star has ten corners, more than the four of a square."),
     ("Name three warm colours.", "Red, orange and yellow are warm colours."),
 )
-
-
-@dataclass(frozen=True)
-class Shape:
-    kind: str
-    colour: str
-    size: str
-    row: int
-    col: int
-
-    @property
-    def position(self) -> str:
-        if self.row == 1 and self.col == 1:
-            return "center"
-        return f"{ROWS[self.row]} {COLS[self.col]}"
-
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.kind}"
-
-
-@dataclass(frozen=True)
-class Scene:
-    shapes: tuple[Shape, ...]
-    background: str
-    width: int
-    height: int
-    jitter: tuple[tuple[float, float], ...] = field(default=())
-
-
-#: How many shapes a scene holds, drawn uniformly from this tuple (1-3, fewer threes).
-SHAPE_COUNTS = (1, 1, 2, 2, 3)
-
-
-def random_scene(rng: random.Random, shape_counts: Sequence[int] = SHAPE_COUNTS) -> Scene:
-    """Draw a scene: 1-3 shapes in distinct grid cells, distinct (colour, kind) pairs."""
-    n = rng.choice(shape_counts)
-    cells = rng.sample(range(9), n)
-    pairs = rng.sample([(k, c) for k in SHAPES for c in COLOURS], n)
-    shapes = tuple(
-        Shape(kind=k, colour=c, size=rng.choice(SIZES), row=cell // 3, col=cell % 3)
-        for (k, c), cell in zip(pairs, cells)
-    )
-    width, height = rng.choice(((128, 128), (128, 128), (160, 128), (128, 160)))
-    jitter = tuple((rng.uniform(-0.12, 0.12), rng.uniform(-0.12, 0.12)) for _ in shapes)
-    return Scene(shapes, rng.choice(tuple(BACKGROUNDS)), width, height, jitter)
-
-
-def _save(img: Image.Image, path: Path) -> None:
-    if path.suffix == ".jpg":
-        img.save(path, format="JPEG", quality=90)
-    else:
-        img.save(path, format="PNG", optimize=False)
-
-
-def geometry(scene: Scene, scale: int = 1) -> list[tuple[float, float, float]]:
-    """Each shape's centre and radius in pixels, in the order of ``scene.shapes``."""
-    cw, ch = scene.width * scale / 3, scene.height * scale / 3
-    return [((s.col + 0.5 + jx) * cw, (s.row + 0.5 + jy) * ch, min(cw, ch) * (0.24 if s.size == "small" else 0.42))
-            for s, (jx, jy) in zip(scene.shapes, scene.jitter)]
-
-
-def render(scene: Scene, scale: int = 1) -> Image.Image:
-    """Draw a scene with Pillow (RGB), ``scale`` times its nominal size."""
-    w, h = scene.width * scale, scene.height * scale
-    img = Image.new("RGB", (w, h), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(img)
-    for shape, (cx, cy, r) in zip(scene.shapes, geometry(scene, scale)):
-        fill = COLOURS[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle((cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), fill=fill)
-        elif shape.kind == "triangle":
-            draw.regular_polygon((cx, cy, r), 3, fill=fill)
-        elif shape.kind == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)], fill=fill)
-        elif shape.kind == "hexagon":
-            draw.regular_polygon((cx, cy, r), 6, fill=fill)
-        elif shape.kind == "star":
-            pts = []
-            for i in range(10):
-                rad = r if i % 2 == 0 else r * 0.45
-                a = -math.pi / 2 + i * math.pi / 5
-                pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
-            draw.polygon(pts, fill=fill)
-    return img
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,20 +301,6 @@ class SynthSummary:
         return asdict(self)
 
 
-def scene_record(image: str, scene: Scene) -> dict:
-    """A scene as data (like GQA's scene graphs): what each image shows, for checking questions."""
-    return {"image": image, "width": scene.width, "height": scene.height, "background": scene.background,
-            "shapes": [{**asdict(s), "position": s.position, "center": [round(x, 2), round(y, 2)], "radius": round(r, 2)}
-                       for s, (x, y, r) in zip(scene.shapes, geometry(scene))]}
-
-
-def scene_from_record(record: dict) -> Scene:
-    """The :class:`Scene` a :func:`scene_record` row describes (its jitter is not kept: what it shows is)."""
-    shapes = tuple(Shape(kind=s["kind"], colour=s["colour"], size=s["size"], row=s["row"], col=s["col"])
-                   for s in record["shapes"])
-    return Scene(shapes, record["background"], record["width"], record["height"])
-
-
 def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | None = None,
                   text_only_fraction: float = 0.03, scale: int = 1, image_format: str = "png",
                   shape_counts: Sequence[int] = SHAPE_COUNTS) -> SynthSummary:
@@ -436,7 +331,7 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
     for i in range(n):
         scene = random_scene(rng, shape_counts)
         name = f"{i:06d}.{image_format}"
-        _save(render(scene, scale), out / "images" / name)
+        save_image(render(scene, scale), out / "images" / name)
         scenes.append(scene_record(name, scene))
         pretrain.append(pretrain_record(i, name, scene, rng))
         instruct.append(instruct_record(i, name, scene, rng))
@@ -448,7 +343,7 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, n_eval: int | N
     for k in range(n_eval):
         scene = random_scene(rng, shape_counts)
         name = f"eval_{k:05d}.{image_format}"
-        _save(render(scene, scale), out / "eval" / "images" / name)
+        save_image(render(scene, scale), out / "eval" / "images" / name)
         eval_scenes.append(scene_record(name, scene))
         for q, a in eval_questions(k, name, scene, rng):
             questions.append(q)

@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from llava_platform.config.schema import LanguageModelSpec, VisionTowerSpec
+from llava_platform.config.components import LanguageModelSpec, VisionTowerSpec
 from llava_platform.data.images import CLIP_MEAN, CLIP_STD
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -160,11 +161,13 @@ def spool_path(storage_path: str, run_name: str) -> str:
 class RunLogger:
     """Rank 0's handle on the MLflow run: metrics, artifacts, registration.
 
-    Tracking is an observer, never on the critical path: when the server stops answering, metrics
-    and tags are kept in memory and sent with the next call that gets through (tried again at most
-    every ``retry_every_s``, so a dead server costs training almost nothing); whatever is still
-    unsent at :meth:`finish` is written to ``spool`` (see :func:`spool_path`), which the next run of
-    the same name replays (:func:`replay_unlogged`).
+    Tracking is an observer, never on the critical path: :meth:`metrics` and :meth:`tag` only queue
+    their values, and a background thread sends them (a training step never waits for the server).
+    When the server stops answering, they stay queued and go with the next send that gets through
+    (tried again at most every ``retry_every_s``, so a dead server costs training almost nothing);
+    whatever is still unsent at :meth:`finish` is written to ``spool`` (see :func:`spool_path`), which
+    the next run of the same name replays (:func:`replay_unlogged`). :meth:`flush` waits until what
+    was queued has been sent (or could not be).
     """
 
     def __init__(self, uri: str, run_id: str, spool: str | None = None, storage_config: Any = None,
@@ -181,6 +184,18 @@ class RunLogger:
         self.not_logged: list[str] = []  # what cannot be replayed later (artifacts, registration)
         self._down_until = 0.0
         self._warned = False
+        self._lock = threading.Lock()  # the pending values
+        self._io = threading.Lock()  # one client call at a time
+        self._wake = threading.Event()
+        self._stop = False
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._sender.start()
+
+    def _send_loop(self) -> None:
+        while not self._stop:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            self._flush()
 
     def _reachable(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -193,33 +208,48 @@ class RunLogger:
                   f"training goes on, metrics are kept and sent when {self.uri} answers again", flush=True)
 
     def _flush(self) -> bool:
-        """Send what is pending; False if the server did not take it."""
-        if not (self.pending_metrics or self.pending_tags):
-            return True
-        if not self._reachable():
-            return False
-        try:
-            _send(self.client, self.run_id, self.pending_metrics, self.pending_tags)
-        except Exception as e:  # noqa: BLE001 - any client error: keep the values, go on training
-            self._failed("metrics", e)
-            return False
+        """Send what is pending; False if the server did not take it (the rest stays pending)."""
+        with self._io:
+            with self._lock:
+                if not (self.pending_metrics or self.pending_tags):
+                    return True
+                if not self._reachable():
+                    return False
+                metrics, tags = self.pending_metrics, self.pending_tags
+                self.pending_metrics, self.pending_tags = [], {}
+            try:
+                _send(self.client, self.run_id, metrics, tags)  # removes what it sent
+            except Exception as e:  # noqa: BLE001 - any client error: keep the values, go on training
+                self._failed("metrics", e)
+                return False
+            finally:
+                with self._lock:
+                    self.pending_metrics = metrics + self.pending_metrics
+                    self.pending_tags = {**tags, **self.pending_tags}
         return True
+
+    def flush(self) -> bool:
+        """Send what is queued now (from this thread); False if the server did not take it."""
+        return self._flush()
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending_metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
-        self._flush()
+        with self._lock:
+            self.pending_metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
+        self._wake.set()
 
     def tag(self, key: str, value: str) -> None:
-        self.pending_tags[key] = value
-        self._flush()
+        with self._lock:
+            self.pending_tags[key] = value
+        self._wake.set()
 
     def table(self, rows: dict[str, list[Any]], artifact_file: str) -> None:
         """A table on the run's page (MLflow's ``log_table``: columns of equal length)."""
         try:
-            self.client.log_table(self.run_id, data=rows, artifact_file=artifact_file)
+            with self._io:
+                self.client.log_table(self.run_id, data=rows, artifact_file=artifact_file)
         except Exception as e:  # noqa: BLE001
             self._failed(f"table {artifact_file}", e)
             self.not_logged.append(f"table {artifact_file}")
@@ -227,8 +257,9 @@ class RunLogger:
     def artifacts(self, local_dir: str, artifact_path: str) -> str | None:
         """The artifacts' URI, or None when the server could not take them (noted in the report)."""
         try:
-            self.client.log_artifacts(self.run_id, local_dir, artifact_path)
-            return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+            with self._io:
+                self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+                return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
         except Exception as e:  # noqa: BLE001
             self._failed(f"artifacts {artifact_path}", e)
             self.not_logged.append(f"artifacts {artifact_path}/ (the export itself is written)")
@@ -241,11 +272,13 @@ class RunLogger:
         from mlflow.exceptions import MlflowException
 
         try:
-            try:
-                self.client.create_registered_model(name)
-            except MlflowException:
-                pass  # exists (or the server is down: then the next call fails too)
-            version = self.client.create_model_version(name, source=source, run_id=self.run_id, description=description)
+            with self._io:
+                try:
+                    self.client.create_registered_model(name)
+                except MlflowException:
+                    pass  # exists (or the server is down: then the next call fails too)
+                version = self.client.create_model_version(name, source=source, run_id=self.run_id,
+                                                           description=description)
             return str(version.version)
         except Exception as e:  # noqa: BLE001
             self._failed(f"registration of {name}", e)
@@ -257,6 +290,9 @@ class RunLogger:
         None when everything got through."""
         from llava_platform import storage
 
+        self._stop = True
+        self._wake.set()
+        self._sender.join()
         self._down_until = 0.0  # one last try
         if self._flush():
             try:

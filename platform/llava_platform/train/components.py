@@ -24,10 +24,10 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_platform.config.schema import ComponentRunConfig, ComponentsJobConfig
+from llava_platform.config.components import ComponentRunConfig, ComponentsJobConfig
 from llava_platform.errors import LlavaPlatformError
 from llava_platform.locations import absolute_paths
 
@@ -58,9 +58,6 @@ class ComponentsResult:
     language_model: ComponentResult
     tokenizer: str
     tracking_uri: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def world_fingerprint(world: str) -> str:
@@ -109,7 +106,9 @@ def train_tokenizer(cfg: ComponentsJobConfig, out_dir: str, key: str):
 def _run(cfg: ComponentsJobConfig, component: str, dataset, records: int, out_dir: str, key: str, uri: str,
          tokenizer_dir: str) -> ComponentResult:
     """One stage-0 training run (or the cached result of an identical one)."""
+    from llava_platform.tracking.runs import spool_path
     from llava_platform.train.trainer import fit, start_run, steps_for_records
+    from llava_platform.train.worker import WorkerArgs
 
     cached = _cached(out_dir, key) if cfg.reuse else None
     if cached:
@@ -126,9 +125,11 @@ def _run(cfg: ComponentsJobConfig, component: str, dataset, records: int, out_di
         dataset = _materialized(dataset)
     run_id = start_run(cfg.tracking, uri, run, cfg.storage_path,
                        {"llava_platform.world": cfg.world, "llava_platform.fingerprint": key}, cfg.storage)
-    fit(component, run, dataset, total, cfg.storage_path, cfg.storage,
-        {"tokenizer_dir": tokenizer_dir, "tracking_uri": uri, "mlflow_run_id": run_id, "output_path": out_dir,
-         "system_metrics_interval_s": cfg.tracking.system_metrics_interval_s})
+    fit(WorkerArgs(objective=component, job=run, run_name=run.name, total_steps=total, output_path=out_dir,
+                   storage=cfg.storage, tracking_uri=uri, mlflow_run_id=run_id,
+                   tracking_spool=spool_path(cfg.storage_path, run.name),
+                   system_metrics_interval_s=cfg.tracking.system_metrics_interval_s, tokenizer_dir=tokenizer_dir),
+        dataset, cfg.storage_path)
     seconds = round(time.time() - t0, 1)
     metrics = _final_metrics(uri, run_id)
     _write_info(out_dir, {"fingerprint": key, "component": component, "mlflow_run_id": run_id, "steps": total,

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from llava_platform.config.schema import TrainConfig
+from llava_platform.train.worker import WorkerArgs
 
 STATE_FILE = "train_state.json"
-TAG = "state"
 
 
 @dataclass
@@ -141,41 +141,40 @@ def _mfu_setup(objective, model, t: TrainConfig):
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point. ``config`` names the objective and carries its validated job
-    config and the run's facts (total steps, MLflow run, tracking URI)."""
-    import deepspeed
+    """Ray Train worker entry point: ``config["args"]`` is the run's
+    :class:`~llava_platform.train.worker.WorkerArgs` (objective, typed job, total steps, MLflow run)."""
     import ray.train
     import torch
 
-    from llava_platform.train.deepspeed_config import build_deepspeed_config
     from llava_platform.train.objectives import make_objective
+    from llava_platform.train.strategy import DeepSpeedStrategy
     from llava_platform.tracking.runs import RunLogger, start_system_metrics, stop_system_metrics
 
     _quiet_third_party_notices()
-    objective = make_objective(config)
+    args: WorkerArgs = config["args"]
+    objective = make_objective(args)
     t = objective.train
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    total_steps: int = config["total_steps"]
     torch.manual_seed(t.seed)
     set_tf32(t.tf32)
-    if config.get("tracking_uri"):
-        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
 
     model, counts = objective.build()
     count_flops, peak = _mfu_setup(objective, model, t)
     optimizer = _setup_optimizer(objective, model)
-    scheduler = _setup_scheduler(optimizer, t, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(t, config.get("deepspeed_overrides")))
-    logger = (RunLogger(config["tracking_uri"], config["mlflow_run_id"], config.get("tracking_spool"), config.get("storage"))
+    scheduler = _setup_scheduler(optimizer, t, args.total_steps)
+    strategy = DeepSpeedStrategy(t, args.deepspeed_overrides)
+    strategy.prepare(model, optimizer, scheduler)
+    logger = (RunLogger(args.tracking_uri, args.mlflow_run_id, args.tracking_spool, args.storage)
               if rank == 0 else None)
     monitor = None  # one system metrics monitor per node, on its first worker
-    if config.get("system_metrics_interval_s") and ctx.get_local_rank() == 0:
-        monitor = start_system_metrics(config["tracking_uri"], config["mlflow_run_id"], f"node_{ctx.get_node_rank()}",
-                                       config["system_metrics_interval_s"])
+    if args.system_metrics_interval_s and ctx.get_local_rank() == 0:
+        monitor = start_system_metrics(args.tracking_uri, args.mlflow_run_id, f"node_{ctx.get_node_rank()}",
+                                       args.system_metrics_interval_s)
     try:
-        _train(objective, engine, scheduler, config, logger, count_flops, peak, counts)
+        _train(objective, strategy, scheduler, args, logger, count_flops, peak, counts)
     finally:
         if monitor is not None:
             stop_system_metrics(monitor)
@@ -183,21 +182,19 @@ def train_loop(config: dict[str, Any]) -> None:
         logger.finish()
 
 
-def _train(objective, engine, scheduler, config: dict[str, Any], logger, count_flops, peak, counts) -> None:
+def _train(objective, strategy, scheduler, args: WorkerArgs, logger, count_flops, peak, counts) -> None:
     """Resume, train to ``total_steps``, report the summary, export."""
     import ray.train
-    import torch
-    import torch.distributed as dist
 
     t = objective.train
     rank = ray.train.get_context().get_world_rank()
-    total_steps: int = config["total_steps"]
+    total_steps = args.total_steps
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=TAG)
+            strategy.load(d)
             with open(os.path.join(d, STATE_FILE)) as f:
                 state = TrainState(**json.load(f))
         rank0_print(f"[train] resumed at step {state.step}/{total_steps} (epoch {state.epoch},"
@@ -207,7 +204,7 @@ def _train(objective, engine, scheduler, config: dict[str, Any], logger, count_f
                     f" {total_steps} optimizer steps")
 
     shard = ray.train.get_dataset_shard("train")
-    trace_dir = config.get("trace_dir")  # tests record the ids each step trained on
+    trace_dir = args.trace_dir  # tests record the ids each step trained on
 
     t_step, started = time.time(), time.time()
     step_loss, step_tokens, step_wait, step_flops, step_ids = 0.0, 0, 0.0, 0.0, []
@@ -221,17 +218,15 @@ def _train(objective, engine, scheduler, config: dict[str, Any], logger, count_f
                 micro += 1
                 continue
             collate_start = time.perf_counter()
-            batch = objective.collate(rows, engine.device)
+            batch = objective.collate(rows, strategy.device)
             step_wait += rows_in.take() + time.perf_counter() - collate_start
             if count_flops is not None:
                 step_flops += count_flops(batch)
-            loss = objective.loss(engine, batch)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
+            loss = objective.loss(strategy.engine, batch)
+            boundary = strategy.backward_and_step(loss)
             micro += 1
             state.micro_in_epoch = micro
-            step_loss += loss.item() / engine.gradient_accumulation_steps()
+            step_loss += loss.item() / strategy.accumulation_steps
             step_tokens += objective.tokens(batch)
             step_ids += [r["id"] for r in rows]
             if not boundary:
@@ -239,29 +234,28 @@ def _train(objective, engine, scheduler, config: dict[str, Any], logger, count_f
             state.step += 1
             log_now = state.step % t.logging_steps == 0 or state.step == total_steps
             # Every rank measures its probe on the same steps: the reduction below is collective.
-            probes = objective.probe(engine, batch) if log_now else {}
+            probes = objective.probe(strategy.engine, batch) if log_now else {}
             names = sorted(probes)
-            stats = torch.tensor([step_loss, float(step_tokens), step_wait, step_flops,
-                                  *(probes[k] for k in names)], dtype=torch.float64)
-            dist.all_reduce(stats)
+            stats = strategy.all_reduce_sum([step_loss, float(step_tokens), step_wait, step_flops,
+                                             *(probes[k] for k in names)])
             elapsed = time.time() - t_step
-            world = dist.get_world_size()
+            world = strategy.world_size
             metrics = {
-                "loss": stats[0].item() / world,
+                "loss": stats[0] / world,
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": t.global_batch_size / elapsed,
-                "tokens_per_s": stats[1].item() / elapsed,
+                "tokens_per_s": stats[1] / elapsed,
                 "step_time_s": elapsed,
-                "data_wait_s": stats[2].item() / world,
-                **{k: stats[4 + i].item() / world for i, k in enumerate(names)},
+                "data_wait_s": stats[2] / world,
+                **{k: stats[4 + i] / world for i, k in enumerate(names)},
             }
             if peak is not None:
-                metrics["mfu"] = stats[3].item() / (elapsed * world * peak)
-            grad_norm = engine.get_global_grad_norm()
+                metrics["mfu"] = stats[3] / (elapsed * world * peak)
+            grad_norm = strategy.grad_norm()
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = grad_norm
             state.samples += t.global_batch_size
-            state.tokens += int(stats[1].item())
+            state.tokens += int(stats[1])
             state.train_seconds += elapsed
             state.data_wait_seconds += metrics["data_wait_s"]
             if trace_dir:
@@ -277,7 +271,7 @@ def _train(objective, engine, scheduler, config: dict[str, Any], logger, count_f
                             f" | data wait {metrics['data_wait_s']:.2f}s{mfu}"
                             f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
             if state.step % t.save_steps == 0 or state.step == total_steps:
-                _save_checkpoint(engine, state, metrics, rank, logger)
+                _save_checkpoint(strategy, state, metrics, rank, logger)
             t_step = time.time()
             step_loss, step_tokens, step_wait, step_flops, step_ids = 0.0, 0, 0.0, 0.0, []
             if state.step >= total_steps:
@@ -289,7 +283,9 @@ def _train(objective, engine, scheduler, config: dict[str, Any], logger, count_f
         break
 
     _summary(state, start_step, logger)
-    _export(engine, objective, config, rank, logger)
+    model = _gather_for_export(strategy, objective)
+    if model is not None:
+        _publish(model, objective, args, logger)
 
 
 def _summary(state: TrainState, start_step: int, logger) -> None:
@@ -320,14 +316,14 @@ def _quiet_third_party_notices() -> None:
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
-def _save_checkpoint(engine, state: TrainState, metrics: dict[str, float], rank: int, logger) -> None:
+def _save_checkpoint(strategy, state: TrainState, metrics: dict[str, float], rank: int, logger) -> None:
     """Every rank saves its DeepSpeed shard into its own folder and every rank reports it; Ray Train
     gathers the folders into one checkpoint."""
     import ray.train
 
     tmp = tempfile.mkdtemp(prefix="ckpt-")
     try:
-        engine.save_checkpoint(tmp, tag=TAG)
+        strategy.save(tmp)
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(state), f)
@@ -339,40 +335,45 @@ def _save_checkpoint(engine, state: TrainState, metrics: dict[str, float], rank:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _export(engine, objective, config: dict[str, Any], rank: int, logger) -> None:
-    """The trained model in HF format (ZeRO-3 weights gathered first; LoRA merged), uploaded to the
-    run's ``output_path``, logged to MLflow and, where asked, registered as a new model version."""
+def _gather_for_export(strategy, objective):
+    """The trained model to export, on rank 0 (None on the other ranks): ZeRO-3's partitioned weights
+    gathered into a fresh full-size copy (collective: every rank takes part), LoRA merged, fp32."""
     import torch
 
-    from llava_platform import storage
-
     t = objective.train
-    # Gathering ZeRO-3 weights is collective: every rank takes part, rank 0 receives them.
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if t.zero_stage == 3 else None
-    if rank != 0:
-        return
+    state_dict = strategy.gather_full_state_dict()
+    if not strategy.is_rank0:
+        return None
     if state_dict is not None or t.lora is not None:
         # A fresh full-size copy on rank 0 receives the gathered weights (and merges LoRA).
         model = objective.fresh_model()
-        missing, unexpected = model.load_state_dict(state_dict if state_dict is not None else engine.module.state_dict(),
+        missing, unexpected = model.load_state_dict(state_dict if state_dict is not None else strategy.module.state_dict(),
                                                     strict=False)
         if unexpected or [m for m in missing if "lora" in m]:
             raise RuntimeError(f"export: state dict does not fit the model: {unexpected[:3]} {missing[:3]}")
     else:
-        model = engine.module
+        model = strategy.module
     model = objective.finalize(model)
-    model = model.to(torch.float32) if t.precision != "fp32" else model
+    return model.to(torch.float32) if t.precision != "fp32" else model
+
+
+def _publish(model, objective, args: WorkerArgs, logger) -> None:
+    """Rank 0: the model in HF format, uploaded to the run's ``output_path`` whole or not at all,
+    logged to MLflow and, where asked, registered as a new model version."""
+    from llava_platform import storage
+
+    t = objective.train
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = os.path.join(tmp, "export")
         os.makedirs(export_dir)
         objective.export(model, export_dir)
-        storage.publish_dir(export_dir, config["output_path"], config.get("storage"))  # whole or not at all
+        storage.publish_dir(export_dir, args.output_path, args.storage)  # whole or not at all
         if logger is not None:
             source = logger.artifacts(export_dir, "export")
-            registered = config.get("registered_model_name")
+            registered = args.registered_model_name
             if registered and source is not None:
-                parent = config.get("parent_run_id")
-                desc = f"LLaVA stage {t.stage} ({config['run_name']}), MLflow run {config['mlflow_run_id']}"
+                parent = args.parent_run_id
+                desc = f"LLaVA stage {t.stage} ({args.run_name}), MLflow run {args.mlflow_run_id}"
                 desc += f"; from stage-1 run {parent}" if parent else ""
                 version = logger.register(registered, source, desc)
                 if version is not None:

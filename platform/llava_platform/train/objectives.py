@@ -19,7 +19,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from llava_platform.config.schema import ComponentRunConfig, TrainConfig, TrainJobConfig
+from llava_platform.config.components import ComponentRunConfig
+from llava_platform.config.schema import TrainConfig, TrainJobConfig
+from llava_platform.train.worker import WorkerArgs
 
 
 class Objective(ABC):
@@ -95,11 +97,11 @@ def apply_lora(model, lora_cfg):
 class LlavaObjective(Objective):
     """LLaVA stage 1 (``pretrain``) or stage 2 (``finetune``) on prepared shards."""
 
-    def __init__(self, job: TrainJobConfig, image_size: int, run_facts: dict[str, Any]):
-        self.job = job
-        self.train = job.train
-        self.image_size = image_size
-        self.facts = run_facts
+    def __init__(self, args: WorkerArgs):
+        self.job: TrainJobConfig = args.job  # type: ignore[assignment]
+        self.train = self.job.train
+        self.image_size = args.image_size
+        self.args = args
         self.processor = None
         self._collate = None
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.train.precision]
@@ -113,7 +115,7 @@ class LlavaObjective(Objective):
         return model
 
     def build(self):
-        from llava_platform.model.builder import apply_stage
+        from llava_platform.train.freezing import apply_stage
 
         t = self.train
         model = self._model()
@@ -197,13 +199,13 @@ class LlavaObjective(Objective):
         from llava_platform.data.conversation import chat_template
 
         t = self.train
-        template = self.facts.get("template")
+        template = self.args.template
         if template and template != STAGE_TEMPLATES["pretrain"]:  # serving and eval prompt as it trained
             self.processor.chat_template = chat_template(template)
         save_model(model, self.processor, export_dir)
         write_lineage(export_dir, {"stage": t.stage, "template": template, "run_name": self.job.name,
-                                   "mlflow_run_id": self.facts["mlflow_run_id"],
-                                   "parent_mlflow_run_id": self.facts.get("parent_run_id"), "steps": self.facts["total_steps"]})
+                                   "mlflow_run_id": self.args.mlflow_run_id,
+                                   "parent_mlflow_run_id": self.args.parent_run_id, "steps": self.args.total_steps})
         if t.stage == "pretrain":
             from safetensors.torch import save_file
 
@@ -231,7 +233,7 @@ class VisionTowerObjective(Objective):
         self._terms: dict[str, float] = {}
 
     def build(self):
-        from llava_platform.data.synthetic import COLOURS, SHAPES
+        from llava_platform.data.scenes import COLOURS, SHAPES
         from llava_platform.model.components import build_vision_pretraining_model
 
         torch.manual_seed(self.run.seed)
@@ -309,16 +311,9 @@ class LanguageModelObjective(Objective):
         self.tokenizer.save_pretrained(export_dir)
 
 
-def make_objective(config: dict[str, Any]) -> Objective:
-    """The objective a worker's ``train_loop_config`` asks for.
-
-    Raises:
-        ValueError: unknown objective kind.
-    """
-    kind = config["objective"]
-    if kind == "llava":
-        return LlavaObjective(TrainJobConfig.model_validate(config["job"]), config["image_size"], config)
+def make_objective(args: WorkerArgs) -> Objective:
+    """The objective a worker's arguments ask for (``WorkerArgs`` checks that job and kind fit)."""
+    if args.objective == "llava":
+        return LlavaObjective(args)
     components = {"vision_tower": VisionTowerObjective, "language_model": LanguageModelObjective}
-    if kind not in components:
-        raise ValueError(f"unknown training objective {kind!r} (llava, {', '.join(components)})")
-    return components[kind](ComponentRunConfig.model_validate(config["job"]), config["tokenizer_dir"])
+    return components[args.objective](args.job, args.tokenizer_dir)

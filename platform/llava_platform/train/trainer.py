@@ -15,6 +15,7 @@ from llava_platform.config.schema import STAGE_TEMPLATES, TrainJobConfig
 from llava_platform.data.prepared import Manifest
 from llava_platform.errors import LlavaPlatformError
 from llava_platform.locations import absolute_paths
+from llava_platform.train.worker import WorkerArgs
 
 
 class TrainingError(LlavaPlatformError):
@@ -146,7 +147,7 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     from llava_platform.data.prepared import open_prepared
     from llava_platform.model.builder import load_processor
     from llava_platform.tracking.models import producing_run_id
-    from llava_platform.tracking.runs import resolve_tracking_uri, use_tracking_uri
+    from llava_platform.tracking.runs import resolve_tracking_uri, spool_path, use_tracking_uri
 
     job = absolute_paths(job)
     uri = resolve_tracking_uri(job.tracking)
@@ -161,11 +162,14 @@ def run_training(job: TrainJobConfig, deepspeed_overrides: dict[str, Any] | None
     tags = {"stage1_run_id": parent} if parent else {}
     run_id = start_run(job.tracking, uri, job, job.storage_path, tags, job.storage)
     try:
-        ckpt = fit("llava", job, dataset, total_steps, job.storage_path, job.storage, {
-            "image_size": manifest.sample_spec.image_size, "template": manifest.template,
-            "tracking_uri": uri, "mlflow_run_id": run_id,
-            "system_metrics_interval_s": job.tracking.system_metrics_interval_s, "parent_run_id": parent, "output_path": job.output_path,
-            "registered_model_name": job.tracking.registered_model_name}, deepspeed_overrides, trace_dir)
+        ckpt = fit(WorkerArgs(
+            objective="llava", job=job, run_name=job.name, total_steps=total_steps, output_path=job.output_path,
+            storage=job.storage, tracking_uri=uri, mlflow_run_id=run_id,
+            tracking_spool=spool_path(job.storage_path, job.name),
+            system_metrics_interval_s=job.tracking.system_metrics_interval_s,
+            registered_model_name=job.tracking.registered_model_name, parent_run_id=parent,
+            image_size=manifest.sample_spec.image_size, template=manifest.template,
+            deepspeed_overrides=deepspeed_overrides, trace_dir=trace_dir), dataset, job.storage_path)
     except BaseException as e:  # failed, or interrupted: the MLflow run says so (a re-run resumes it)
         from llava_platform.tracking.runs import mark_failed
 
@@ -192,12 +196,9 @@ def start_run(tracking, uri: str, job, storage_path: str, tags: dict[str, str], 
     return run_id
 
 
-def fit(objective: str, job, dataset, total_steps: int, storage_path: str, storage_config,
-        facts: dict[str, Any], deepspeed_overrides: dict[str, Any] | None = None,
-        trace_dir: str | None = None) -> str | None:
-    """Run the worker loop for ``objective`` on Ray Train with ``dataset`` (``job``: a
-    ``TrainJobConfig`` or ``ComponentRunConfig``, its ``train`` the run's settings); returns the last
-    checkpoint's path. The job config travels to the workers as the typed object (secrets stay
+def fit(args: WorkerArgs, dataset, storage_path: str) -> str | None:
+    """Run the worker loop on Ray Train with ``dataset``, checkpoints under ``storage_path``; returns the
+    last checkpoint's path. ``args`` travels to the workers whole, as the typed object (secrets stay
     ``SecretStr``).
 
     Raises:
@@ -209,17 +210,14 @@ def fit(objective: str, job, dataset, total_steps: int, storage_path: str, stora
     from ray.train.torch import TorchTrainer
 
     from llava_platform.train.loop import train_loop
-    from llava_platform.tracking.runs import spool_path
 
-    train, name = job.train, job.name
+    train, name, storage_config = args.job.train, args.run_name, args.storage
     check_room_for_data(train.num_workers * train.cpus_per_worker)
     arrow_fs, path = storage.arrow_filesystem(storage_path, storage_config)
     resources = {"CPU": train.cpus_per_worker, **train.resources_per_worker}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"objective": objective, "job": job, "total_steps": total_steps, "run_name": name,
-                           "storage": storage_config, "deepspeed_overrides": deepspeed_overrides,
-                           "trace_dir": trace_dir, "tracking_spool": spool_path(storage_path, name), **facts},
+        train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources, accelerator_type=train.accelerator_type),
         run_config=RunConfig(

@@ -1,13 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from llava_platform.config.schema import (
-    STAGE_TEMPLATES,
-    ModelSpec,
-    ServeConfig,
-    StorageConfig,
-    TrainConfig,
-)
+from llava_platform.config.schema import STAGE_TEMPLATES, ModelSpec, ServeConfig, StorageConfig, TrainConfig
 
 
 def test_stage_templates_follow_llava():

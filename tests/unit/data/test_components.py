@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from llava_platform.config.schema import VisionTowerSpec
+from llava_platform.config.components import VisionTowerSpec
 from llava_platform.data.components import (
     CLIP_MEAN,
     VisionRows,
@@ -18,7 +18,7 @@ from llava_platform.data.components import (
     vision_items,
     world_corpus,
 )
-from llava_platform.data.synthetic import COLOURS, SHAPES
+from llava_platform.data.scenes import COLOURS, SHAPES
 
 SPEC = VisionTowerSpec()  # 96 px, patches of 32: a 3x3 grid, one patch per cell of the world
 

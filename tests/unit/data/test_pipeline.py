@@ -249,7 +249,7 @@ def test_missing_data_path(ray_cluster, tmp_path):
 
 
 def test_reader_and_collate_feed_the_model(array_run):
-    from llava_platform.model.builder import build_preset
+    from llava_platform.model.presets import build_preset
 
     cfg, _ = array_run
     ds, manifest = open_prepared(cfg.output_path)
@@ -308,7 +308,8 @@ def test_prepared_set_feeds_a_two_worker_train_loop(array_run, tmp_path):
         import torch
 
         from llava_platform.data.sample import LlavaCollator
-        from llava_platform.model.builder import apply_stage, build_preset
+        from llava_platform.train.freezing import apply_stage
+        from llava_platform.model.presets import build_preset
 
         model, processor = build_preset("tiny", seed=0)
         apply_stage(model, "finetune")

@@ -5,7 +5,7 @@ import torch
 
 from llava_platform.data.conversation import IGNORE_INDEX
 from llava_platform.data.sample import LlavaCollator, SampleSpec, encode_record
-from llava_platform.model.builder import build_preset
+from llava_platform.model.presets import build_preset
 
 
 def _samples(synth_dir, processor, spec, fname, n):

@@ -14,9 +14,8 @@ from collections import Counter
 
 import pytest
 
-from llava_platform.data import synthetic
-
-POSITIONS = sorted({synthetic.Shape("circle", "red", "small", r, c).position for r in range(3) for c in range(3)},
+from llava_platform.data import scenes, synthetic
+POSITIONS = sorted({scenes.Shape("circle", "red", "small", r, c).position for r in range(3) for c in range(3)},
                    key=len, reverse=True)
 
 
@@ -24,8 +23,8 @@ def matches(referent: str, shapes: list[dict]) -> list[dict]:
     """The shapes a referent phrase ("triangle", "red object", "shape at the top left", ...) names."""
     words = referent.split()
     position = next((p for p in POSITIONS if referent.endswith("at the " + p)), None)
-    colour = next((w for w in words if w in synthetic.COLOURS), None)
-    kind = next((w for w in words if w in synthetic.SHAPES), None)
+    colour = next((w for w in words if w in scenes.COLOURS), None)
+    kind = next((w for w in words if w in scenes.SHAPES), None)
     if position is None and colour is None and kind is None:
         assert referent in ("shape", "object"), referent
     return [s for s in shapes if (position is None or s["position"] == position)
@@ -52,7 +51,7 @@ def check(question: str, answer: str, shapes: list[dict]) -> str | None:
             continue
         answer_words = answer.lower().rstrip(".")
         if category == "count":
-            assert answer in (str(len(shapes)), ) or synthetic.NUMBER_WORDS[len(shapes)] in answer_words, question
+            assert answer in (str(len(shapes)), ) or scenes.NUMBER_WORDS[len(shapes)] in answer_words, question
             return category
         found = matches(m["ref"], shapes)
         if category == "yes_no":
@@ -64,7 +63,7 @@ def check(question: str, answer: str, shapes: list[dict]) -> str | None:
         if answer == value:
             return category
         # a long answer ("The triangle is red.") names the right value and no other of its kind
-        vocab = {"colour": synthetic.COLOURS, "shape": synthetic.SHAPES, "position": POSITIONS}[category]
+        vocab = {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "position": POSITIONS}[category]
         named = [v for v in vocab if re.search(rf"\b{v}\b", answer_words)]
         assert value in named, (question, answer, shapes)
         if category != "position":
@@ -114,9 +113,9 @@ def test_ambiguous_references_are_never_made():
     """A scene with two triangles and two red shapes: neither 'the triangle' nor 'the red object'."""
     import random
 
-    scene = synthetic.Scene((synthetic.Shape("triangle", "red", "small", 0, 0),
-                             synthetic.Shape("triangle", "blue", "large", 1, 1),
-                             synthetic.Shape("circle", "red", "small", 2, 2)), "white", 128, 128, ((0, 0),) * 3)
+    scene = scenes.Scene((scenes.Shape("triangle", "red", "small", 0, 0),
+                             scenes.Shape("triangle", "blue", "large", 1, 1),
+                             scenes.Shape("circle", "red", "small", 2, 2)), "white", 128, 128, ((0, 0),) * 3)
     for seed in range(50):
         for _, question, _, _ in synthetic.qa_pairs(scene, random.Random(seed)):
             assert "the triangle?" not in question and "the red object" not in question and "red shape" not in question
@@ -129,4 +128,4 @@ def test_scene_records_describe_the_drawn_shapes(world):
     img = Image.open(world / "images" / first["image"]).convert("RGB")
     for s in first["shapes"]:
         x, y = s["center"]
-        assert img.getpixel((int(x), int(y))) == synthetic.COLOURS[s["colour"]]
+        assert img.getpixel((int(x), int(y))) == scenes.COLOURS[s["colour"]]

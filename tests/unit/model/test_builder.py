@@ -21,19 +21,10 @@ from transformers import (
 from llava_platform import storage
 from llava_platform.config.schema import ModelSpec
 from llava_platform.data.images import num_image_tokens
-from llava_platform.data.sample import LlavaCollator, SampleSpec, encode_record
 from llava_platform.errors import ModelBuildError
-from llava_platform.model.builder import (
-    apply_stage,
-    build_model,
-    build_preset,
-    compose,
-    describe,
-    load_checkpoint,
-    save_model,
-)
+from llava_platform.model.builder import build_model, compose, load_checkpoint, save_model
 from llava_platform.model.components import default_image_processor
-from llava_platform.train.step import optimizer_step, trainable_parameters
+from llava_platform.model.presets import build_preset
 
 
 def vicuna_like_tokenizer(eos=True) -> PreTrainedTokenizerFast:
@@ -97,15 +88,6 @@ def test_compose_from_local_components(tmp_path):
     assert model(**inputs).logits.shape[-1] == len(tok)
 
 
-def test_linear_projector_starts_as_one_linear_map(tmp_path):
-    clip_dir, llm_dir = save_components(tmp_path)
-    model, _ = compose(ModelSpec(vision_tower=str(clip_dir), llm=str(llm_dir), projector_type="linear"))
-    proj = model.model.multi_modal_projector
-    assert model.config.projector_hidden_act == "linear"
-    x = torch.randn(3, proj.linear_1.in_features)
-    torch.testing.assert_close(proj(x), proj.linear_1(x))
-
-
 @pytest.mark.s3
 def test_compose_and_load_from_s3(tmp_path, s3_env):
     clip_dir, llm_dir = save_components(tmp_path)
@@ -147,66 +129,6 @@ def test_vision_feature_layer_out_of_range(tmp_path):
     clip_dir, llm_dir = save_components(tmp_path)
     with pytest.raises(ModelBuildError, match="vision_feature_layer -9 is outside"):
         compose(ModelSpec(vision_tower=str(clip_dir), llm=str(llm_dir), vision_feature_layer=-9))
-
-
-def test_unknown_preset():
-    with pytest.raises(ModelBuildError, match="unknown model preset 'huge'"):
-        build_preset("huge")
-
-
-def test_presets_sizes():
-    tiny, _ = build_preset("tiny")
-    small, _ = build_preset("small")
-    assert sum(describe(tiny)["params"].values()) < 500_000
-    assert 2_000_000 < sum(describe(small)["params"].values()) < 10_000_000
-    assert describe(small)["image_tokens"] == 64
-
-
-def test_preset_is_deterministic():
-    a, pa = build_preset("tiny", seed=1)
-    b, pb = build_preset("tiny", seed=1)
-    assert pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-
-def test_apply_stage_counts():
-    model, _ = build_preset("tiny")
-    d = describe(model)["params"]
-    c1 = apply_stage(model, "pretrain")
-    assert c1["trainable"] == c1["projector_trainable"] == d["projector"]
-    c2 = apply_stage(model, "finetune")
-    assert c2["trainable"] == d["projector"] + d["language_model"] and c2["vision_tower_trainable"] == 0
-    c3 = apply_stage(model, "finetune", unfreeze_vision_tower=True)
-    assert c3["trainable"] == c3["total"]
-    with pytest.raises(ValueError, match="unknown stage"):
-        apply_stage(model, "stage3")
-
-
-@pytest.mark.parametrize(
-    "stage, fname, template, trained",
-    [
-        ("pretrain", "pretrain.json", "plain", {"model.multi_modal_projector."}),
-        ("finetune", "instruct.json", "llava_v1", {"model.multi_modal_projector.", "model.language_model.", "lm_head."}),
-    ],
-)
-def test_one_step_changes_exactly_the_stage_parameters(synth_dir, stage, fname, template, trained):
-    model, processor = build_preset("tiny", seed=0)
-    apply_stage(model, stage)
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    spec = SampleSpec.from_processor(processor, model.config, template, max_length=256)
-    recs = json.loads((synth_dir / fname).read_text())[:4]
-    samples = [encode_record(r, (synth_dir / "images" / r["image"]).read_bytes(), processor.tokenizer, spec) for r in recs]
-    ip = processor.image_processor
-    batch = LlavaCollator(processor.tokenizer.pad_token_id, ip.image_mean, ip.image_std)(samples)
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
-    loss = optimizer_step(model, batch, opt)
-    assert torch.isfinite(torch.tensor(loss)) and loss > 0
-    for name, p in model.named_parameters():
-        should_train = name.startswith(tuple(trained))
-        if should_train:
-            assert not torch.equal(p, before[name]), f"{name} should have changed in {stage}"
-        else:
-            assert torch.equal(p, before[name]), f"{name} must stay bitwise equal in {stage}"
 
 
 RELOAD = textwrap.dedent(

@@ -1,7 +1,8 @@
 import torch
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-from llava_platform.config.schema import LanguageModelSpec, ModelSpec, VisionTowerSpec
+from llava_platform.config.components import LanguageModelSpec, VisionTowerSpec
+from llava_platform.config.schema import ModelSpec
 from llava_platform.model.builder import build_model
 from llava_platform.model.components import build_language_model, build_vision_pretraining_model, save_vision_tower
 

@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from llava_platform.model.builder import build_preset, save_model
+from llava_platform.model.builder import save_model
+from llava_platform.model.presets import build_preset
 from llava_platform.model.layouts import LLAVA_HF_PREFIXES, to_llava_hf_layout
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llava_platform.errors import ModelBuildError
-from llava_platform.model.builder import build_preset
+from llava_platform.model.presets import build_preset
 from llava_platform.model.original import export_original, import_original, import_projector
 
 

@@ -22,7 +22,7 @@ def test_one_run_per_key_and_plain_dir_registration(tmp_path):
     c = ensure_run(cfg, uri, "runs/y", "y", {}, {}, str(tmp_path / "art"))
     assert a == b != c
     log = RunLogger(uri, a)
-    log.metrics({"loss": 2.0}, step=1)
+    log.metrics({"loss": 2.0}, step=1)  # queued; a background thread sends it
     plain = tmp_path / "export"
     plain.mkdir()
     (plain / "config.json").write_text("{}")
@@ -33,7 +33,34 @@ def test_one_run_per_key_and_plain_dir_registration(tmp_path):
 
     client = MlflowClient(uri)
     assert [v.description for v in client.search_model_versions("name='m'")][::-1] == ["first", "second"]
+    assert log.finish() is None  # everything got through
     assert client.get_metric_history(a, "loss")[0].value == 2.0
+
+
+def test_logging_never_waits_for_the_server(tmp_path):
+    """A step's metrics are queued, not sent inline: a slow server delays the sender thread only."""
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    run = ensure_run(TrackingConfig(experiment="e"), uri, "k", "k", {}, {})
+    log = RunLogger(uri, run)
+    sent = []
+    real = log.client.log_batch
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        sent.append(kwargs)
+        return real(*args, **kwargs)
+
+    log.client.log_batch = slow
+    start = time.time()
+    for step in range(1, 21):
+        log.metrics({"loss": 1.0 / step}, step)
+    assert time.time() - start < 0.5  # 20 steps' metrics queued in less than one slow send
+    assert log.finish() is None
+    from mlflow.tracking import MlflowClient
+
+    assert sorted(m.step for m in MlflowClient(uri).get_metric_history(run, "loss")) == list(range(1, 21))
 
 
 def test_an_unreachable_tracking_server_fails_fast_with_one_clear_error(mlflow_server, tmp_path):
@@ -85,11 +112,14 @@ def test_metrics_survive_a_tracking_server_that_dies_and_are_replayed_when_it_re
     spool = spool_path(str(tmp_path / "runs"), "dying")
     logger = RunLogger(url, run_id, spool=spool, retry_every_s=30)
     logger.metrics({"loss": 1.0}, 1)
+    assert logger.flush()  # sent while the server is up
     stop_process(proc, log)  # the server dies mid-run
     start = time.time()
-    logger.metrics({"loss": 0.9}, 2)  # one failed try...
+    logger.metrics({"loss": 0.9}, 2)  # queued: the sender's one failed try happens beside training...
+    assert not logger.flush()  # (here: a send that cannot get through)
     for step in range(3, 50):
         logger.metrics({"loss": 1.0 / step}, step)  # ...then no tries until retry_every_s has passed
+        assert not logger.flush()
     logger.tag("last_checkpoint_step", "49")
     assert time.time() - start < 30
     report = logger.finish()

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from llava_platform.model.builder import apply_stage, build_preset
+from llava_platform.train.freezing import apply_stage
+from llava_platform.model.presets import build_preset
 from llava_platform.train.flops import LlavaFlops, peak_flops
 
 

@@ -14,7 +14,7 @@ import random
 import pytest
 
 from llava_platform.config import EvalJobConfig, load_config
-from llava_platform.data import synthetic
+from llava_platform.data import scenes, synthetic
 from llava_platform.demo import train_embedded_default
 from llava_platform.eval.evaluate import run_evaluation
 
@@ -32,7 +32,7 @@ def colour_instruct(world, rng):
     records = []
     for i, line in enumerate((world / "scenes.jsonl").read_text().splitlines()):
         row = json.loads(line)
-        scene = synthetic.scene_from_record(row)
+        scene = scenes.scene_from_record(row)
         turns = []
         for j, s in enumerate(rng.sample(scene.shapes, len(scene.shapes))):
             q = f"What colour is the {synthetic.colour_referent(scene, s)}?\n{synthetic.SHORT}"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from llava_platform.config import PreprocessJobConfig, TrainJobConfig, load_config
 from llava_platform.preprocess import prepare
-from llava_platform.model.builder import build_preset
+from llava_platform.model.presets import build_preset
 from llava_platform.train.objectives import apply_lora
 from llava_platform.train.trainer import TrainingError, run_training
 

@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from llava_platform.config import TrainJobConfig, load_config
-from llava_platform.config.schema import ComponentRunConfig
+from llava_platform.config.components import ComponentRunConfig
 from llava_platform.data.sample import SampleSpec, encode_record
 from llava_platform.train.objectives import LlavaObjective, VisionTowerObjective, make_objective
+from llava_platform.train.worker import WorkerArgs
 
 
 def llava_job(tmp_path, *extra):
@@ -24,15 +26,23 @@ def rows(synth_dir, processor, config, n=2):
     return [encode_record(r, (synth_dir / "images" / r["image"]).read_bytes(), processor.tokenizer, spec) for r in recs]
 
 
-def test_unknown_objective_is_refused():
-    with pytest.raises(ValueError, match="unknown training objective 'nope'"):
-        make_objective({"objective": "nope", "job": {}})
+def args(job, **kw):
+    return WorkerArgs(objective="llava", job=job, run_name=job.name, total_steps=1, output_path=job.output_path,
+                      image_size=32, **kw)
+
+
+def test_worker_args_must_fit_their_objective(tmp_path):
+    with pytest.raises(ValidationError, match="objective"):
+        WorkerArgs(objective="nope", job=llava_job(tmp_path), run_name="t", total_steps=1, output_path="o")
+    with pytest.raises(ValidationError, match="objective vision_tower does not train a TrainJobConfig"):
+        WorkerArgs(objective="vision_tower", job=llava_job(tmp_path), run_name="t", total_steps=1, output_path="o",
+                   tokenizer_dir="tok")
+    with pytest.raises(ValidationError, match="needs the prepared data's image_size"):
+        WorkerArgs(objective="llava", job=llava_job(tmp_path), run_name="t", total_steps=1, output_path="o")
 
 
 def test_stage1_trains_the_projector_and_probes_real_against_blank_images(tmp_path, synth_dir):
-    objective = make_objective({"objective": "llava", "job": json.loads(llava_job(tmp_path, "train.blank_image_probe=true")
-                                                                       .model_dump_json()),
-                                "image_size": 32, "mlflow_run_id": "r", "total_steps": 1})
+    objective = make_objective(args(llava_job(tmp_path, "train.blank_image_probe=true"), mlflow_run_id="r"))
     assert isinstance(objective, LlavaObjective)
     model, counts = objective.build()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -46,7 +56,7 @@ def test_stage1_trains_the_projector_and_probes_real_against_blank_images(tmp_pa
 
 
 def test_no_probe_unless_asked_and_text_only_batches_still_reach_the_projector(tmp_path, synth_dir):
-    objective = LlavaObjective(llava_job(tmp_path), image_size=32, run_facts={})
+    objective = LlavaObjective(args(llava_job(tmp_path)))
     model, _ = objective.build()
     batch = objective.collate(rows(synth_dir, objective.processor, model.config), "cpu")
     assert objective.probe(model, batch) == {}

@@ -33,7 +33,7 @@ def _manifest(template: str, tokenizer_sha256: str, image_size: int = 32, num_im
 
 def test_data_must_match_model():
     from llava_platform.data.pipeline import tokenizer_fingerprint
-    from llava_platform.model.builder import build_preset
+    from llava_platform.model.presets import build_preset
 
     model, processor = build_preset("tiny")
     sha = tokenizer_fingerprint(processor.tokenizer)
