@@ -17,6 +17,8 @@ LlavaStage = Literal["pretrain", "finetune"]
 ComponentStage = Literal["vision_tower", "language_model"]
 Stage = Literal["pretrain", "finetune", "vision_tower", "language_model"]
 TemplateName = Literal["plain", "vicuna_v1", "llava_v1"]
+#: How an image is made square before the tower: LLaVA's ``--image_aspect_ratio`` (``pad`` for 1.5).
+AspectRatio = Literal["pad", "resize", "crop"]
 
 #: The conversation template each LLaVA stage trains with by default (LLaVA-1.5: ``plain`` for
 #: feature alignment, ``vicuna_v1`` (``--version v1``) for visual instruction tuning).
@@ -126,7 +128,7 @@ class DataConfig(ImageDecoding):
     # LLaVA-1.5 trains with 2048 tokens; image tokens count towards it.
     max_length: int = Field(2048, gt=0)
     # LLaVA-1.5 pads images to a square with the processor's mean colour.
-    image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
+    image_aspect_ratio: AspectRatio = "pad"
     # Decompression-bomb guard (Pillow's own default limit).
     max_image_pixels: int = Field(89_478_485, gt=0)
     # Thinner images are rejected (image_aspect_ratio) before decoding; so is one whose padded
@@ -246,7 +248,7 @@ class ServeConfig(ImageDecoding):
     storage: StorageConfig = StorageConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # How images are squared before the vision tower; use what the model was trained with.
-    image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
+    image_aspect_ratio: AspectRatio = "pad"
     # Bearer key (programmatic use only: Ray echoes application arguments in its logs, dashboard and
     # `serve config`, so the Serve app refuses it there). Otherwise the key is read from
     # api_key_file (a path on every node) or LLAVA_API_KEY in the nodes' environment; none of the
@@ -324,7 +326,7 @@ class EvalConfig(ImageDecoding):
     cpus_per_actor: float = Field(1.0, gt=0)
     # One GPU per actor on a cluster.
     use_gpu: bool = False
-    image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad"
+    image_aspect_ratio: AspectRatio = "pad"
     max_image_pixels: int = Field(89_478_485, gt=0)
     # Also answer every question with the image withheld (the "blind" baseline).
     blind_baseline: bool = True

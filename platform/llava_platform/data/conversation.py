@@ -13,13 +13,14 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
+from llava_platform.config.schema import TemplateName
 from llava_platform.errors import RecordError, TemplateError
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
-TEMPLATE_NAMES = ("plain", "vicuna_v1", "llava_v1")
+TEMPLATE_NAMES = get_args(TemplateName)
 #: The default system messages of LLaVA's conv_vicuna_v1 (LLaVA-1.5 trains and evaluates with it:
 #: ``--version v1``, ``--conv-mode vicuna_v1``) and conv_llava_v1; both render with ``templates/v1.jinja``.
 V1_SYSTEM_MESSAGES = {

@@ -9,15 +9,15 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from llava_platform.config.schema import MAX_IMAGE_ASPECT_RATIO as MAX_ASPECT_RATIO
+from llava_platform.config.schema import AspectRatio
 from llava_platform.errors import RecordError
 
-AspectRatio = Literal["pad", "resize", "crop"]
 # OpenAI CLIP's pixel statistics: the image processor's mean/std when a vision tower ships none.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from llava_platform.data.images import MAX_ASPECT_RATIO, ImageSpec
+from llava_platform.config.schema import ServeConfig
+from llava_platform.data.images import ImageSpec
 from llava_platform.errors import RecordError
 from llava_platform.inference.prompts import PromptBuilder, PromptError
 from llava_platform.serve.protocol import ApiError, ChatCompletionRequest, Message
@@ -26,20 +27,23 @@ from llava_platform.serve.protocol import ApiError, ChatCompletionRequest, Messa
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S)
 
 
+_SERVE = ServeConfig.model_fields  # the limits' defaults are the Serve app's
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits (from :class:`~llava_platform.config.schema.ServeConfig`)."""
+    """Per-request limits: :class:`~llava_platform.config.schema.ServeConfig`'s, under short names."""
 
-    max_images: int = 1
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
-    max_new_tokens: int = 1024
+    max_images: int = _SERVE["max_images_per_request"].default
+    max_image_bytes: int = _SERVE["max_image_bytes"].default
+    max_image_pixels: int = _SERVE["max_image_pixels"].default
+    max_new_tokens: int = _SERVE["max_new_tokens_limit"].default
     allowed_image_hosts: tuple[str, ...] = ()
-    max_prompt_chars: int = 262_144
-    max_image_aspect_ratio: float = MAX_ASPECT_RATIO
+    max_prompt_chars: int = _SERVE["max_prompt_chars"].default
+    max_image_aspect_ratio: float = _SERVE["max_image_aspect_ratio"].default
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "Limits":
+    def from_config(cls, cfg: ServeConfig) -> "Limits":
         return cls(cfg.max_images_per_request, cfg.max_image_bytes, cfg.max_image_pixels,
                    cfg.max_new_tokens_limit, tuple(h.lower() for h in cfg.allowed_image_hosts),
                    cfg.max_prompt_chars, cfg.max_image_aspect_ratio)
