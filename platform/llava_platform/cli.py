@@ -23,6 +23,34 @@ from typing import Sequence
 from llava_platform.errors import LlavaPlatformError
 
 
+# A config-driven command: ``--config YAML``, flags that are shorthands for config keys, ``--set KEY=VALUE``.
+# A flag's key ``name=value`` makes it a switch that sets that value.
+ConfigFlag = tuple[str, str, str]  # (flag, config key, help)
+
+
+def _config_command(sub: argparse._SubParsersAction, name: str, func, config_help: str, flags: Sequence[ConfigFlag],
+                    **parser_kwargs) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, **parser_kwargs)
+    parser.add_argument("--config", help=config_help)
+    keys = {}
+    for flag, key, help_ in flags:
+        action = parser.add_argument(flag, help=help_, **({"action": "store_true"} if "=" in key else {}))
+        keys[action.dest] = key
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
+    parser.set_defaults(func=func, config_keys=keys)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The given flags as ``key=value`` overrides, then the ``--set`` ones (which win)."""
+    out = []
+    for dest, key in args.config_keys.items():
+        value = getattr(args, dest)
+        if value not in (None, False):
+            out.append(key if "=" in key else f"{key}={value}")
+    return out + list(args.set)
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="datasets: synthesise the shape world")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
@@ -32,18 +60,16 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--n-eval", type=int, default=None, help="held-out eval scenes (default max(20, n/10))")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     synth.set_defaults(func=_cmd_synth)
-    prep = dsub.add_parser("prepare", help="LLaVA JSON + images -> tokenized Parquet shards (Ray Data)",
-                           description="Flags are shorthands for config keys; --config and --set take the rest.")
-    prep.add_argument("--config", help="a preprocess YAML (jobs/configs/preprocess_*.yaml); flags override it")
-    prep.add_argument("--data", help="LLaVA JSON array or JSONL, local or s3:// (data.data_path)")
-    prep.add_argument("--image-root", help="folder the records' image paths are relative to (data.image_root)")
-    prep.add_argument("--model", help="model directory or s3:// URI whose tokenizer/image size to use (model.checkpoint)")
-    prep.add_argument("--preset", help="or a preset model: tiny or small (model.preset)")
-    prep.add_argument("--stage", help="pretrain (template plain) or finetune (template vicuna_v1)")
-    prep.add_argument("--out", help="output directory, local or s3:// (output_path)")
-    prep.add_argument("--overwrite", action="store_true", help="replace an existing output (overwrite)")
-    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
-    prep.set_defaults(func=_cmd_prepare)
+    _config_command(dsub, "prepare", _cmd_prepare, "a preprocess YAML (jobs/configs/preprocess_*.yaml); flags override it", (
+        ("--data", "data.data_path", "LLaVA JSON array or JSONL, local or s3:// (data.data_path)"),
+        ("--image-root", "data.image_root", "folder the records' image paths are relative to (data.image_root)"),
+        ("--model", "model.checkpoint", "model directory or s3:// URI whose tokenizer/image size to use (model.checkpoint)"),
+        ("--preset", "model.preset", "or a preset model: tiny or small (model.preset)"),
+        ("--stage", "stage", "pretrain (template plain) or finetune (template vicuna_v1)"),
+        ("--out", "output_path", "output directory, local or s3:// (output_path)"),
+        ("--overwrite", "overwrite=true", "replace an existing output (overwrite)"),
+    ), help="LLaVA JSON + images -> tokenized Parquet shards (Ray Data)",
+        description="Flags are shorthands for config keys; --config and --set take the rest.")
 
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
@@ -82,15 +108,13 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                      help="llava-original: what the model trained with (LLaVA-1.5 stage 2: pad)")
     exp.add_argument("--out", required=True, help="output directory (s3:// for llava-hf)")
     exp.set_defaults(func=_cmd_model_export)
-    comp = msub.add_parser("pretrain-components",
-                           help="stage 0 of the embedded default: a small CLIP-style tower and LLM on a synthetic world")
-    comp.add_argument("--config", help="a components YAML (jobs/configs/components_*.yaml); flags override it")
-    comp.add_argument("--world", help="a world from `data synth` (world)")
-    comp.add_argument("--out", help="where tokenizer/, vision_tower/ and language_model/ go (output_path)")
-    comp.add_argument("--runs", help="Ray Train checkpoints (storage_path)")
-    comp.add_argument("--no-reuse", action="store_true", help="train again even when the outputs match (reuse=false)")
-    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
-    comp.set_defaults(func=_cmd_model_components)
+    _config_command(msub, "pretrain-components", _cmd_model_components,
+                    "a components YAML (jobs/configs/components_*.yaml); flags override it", (
+                        ("--world", "world", "a world from `data synth` (world)"),
+                        ("--out", "output_path", "where tokenizer/, vision_tower/ and language_model/ go (output_path)"),
+                        ("--runs", "storage_path", "Ray Train checkpoints (storage_path)"),
+                        ("--no-reuse", "reuse=false", "train again even when the outputs match (reuse=false)"),
+                    ), help="stage 0 of the embedded default: a small CLIP-style tower and LLM on a synthetic world")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -101,26 +125,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
+def _ray_job(args: argparse.Namespace, config_class, run) -> int:
+    """A config-driven command's job: its config from ``--config`` and the flags, then ``run`` on Ray."""
     from llava_platform.config.loader import load_config
-    from llava_platform.config.schema import PreprocessJobConfig
-    from llava_platform.preprocess import run_prepare
     from llava_platform.ray_utils import init_ray
 
-    flags = {
-        "data.data_path": args.data,
-        "data.image_root": args.image_root,
-        "model.checkpoint": args.model,
-        "model.preset": args.preset,
-        "stage": args.stage,
-        "output_path": args.out,
-        "overwrite": "true" if args.overwrite else None,
-    }
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
-    cfg = load_config(args.config, PreprocessJobConfig, overrides)
+    cfg = load_config(args.config, config_class, _overrides(args))
     init_ray()
-    run_prepare(cfg)
+    run(cfg)
     return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from llava_platform.config.schema import PreprocessJobConfig
+    from llava_platform.preprocess import run_prepare
+
+    return _ray_job(args, PreprocessJobConfig, run_prepare)
 
 
 def _cmd_model_build(args: argparse.Namespace) -> int:
@@ -183,18 +203,10 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_components(args: argparse.Namespace) -> int:
-    from llava_platform.config.loader import load_config
     from llava_platform.config.components import ComponentsJobConfig
-    from llava_platform.ray_utils import init_ray
     from llava_platform.train.components import run_components
 
-    flags = {"world": args.world, "output_path": args.out, "storage_path": args.runs,
-             "reuse": "false" if args.no_reuse else None}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
-    cfg = load_config(args.config, ComponentsJobConfig, overrides)
-    init_ray()
-    run_components(cfg)
-    return 0
+    return _ray_job(args, ComponentsJobConfig, run_components)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -235,28 +247,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="evaluate a model on a model_vqa question file (Ray Data, scores, blind baseline)",
-                        description="Flags and config keys are equivalent; --set reaches any other key.")
-    ev.add_argument("--config", help="YAML config (jobs/configs/evaluate_*.yaml)")
-    ev.add_argument("--model", help="model to evaluate: local dir, s3://, models:/name/version, runs:/id/export")
-    ev.add_argument("--questions", help="model_vqa question file (JSONL: question_id, image, text, category)")
-    ev.add_argument("--image-root", help="directory (or s3:// prefix) the questions' images are in")
-    ev.add_argument("--answers-key", help="JSONL of {question_id, answer, category} to score against")
-    ev.add_argument("--out", help="output directory for answers, scores and the chart")
-    ev.add_argument("--no-blind", action="store_true", help="skip the blind (image withheld) baseline")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
-    ev.set_defaults(func=_cmd_eval)
+    _config_command(sub, "eval", _cmd_eval, "YAML config (jobs/configs/evaluate_*.yaml)", (
+        ("--model", "model.checkpoint", "model to evaluate: local dir, s3://, models:/name/version, runs:/id/export"),
+        ("--questions", "eval.questions", "model_vqa question file (JSONL: question_id, image, text, category)"),
+        ("--image-root", "eval.image_root", "directory (or s3:// prefix) the questions' images are in"),
+        ("--answers-key", "eval.answers_key", "JSONL of {question_id, answer, category} to score against"),
+        ("--out", "eval.output_dir", "output directory for answers, scores and the chart"),
+        ("--no-blind", "eval.blind_baseline=false", "skip the blind (image withheld) baseline"),
+    ), help="evaluate a model on a model_vqa question file (Ray Data, scores, blind baseline)",
+        description="Flags and config keys are equivalent; --set reaches any other key.")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from llava_platform.config import EvalJobConfig, load_config
     from llava_platform.eval.evaluate import run_evaluation
 
-    flags = {"model.checkpoint": args.model, "eval.questions": args.questions, "eval.image_root": args.image_root,
-             "eval.answers_key": args.answers_key, "eval.output_dir": args.out,
-             "eval.blind_baseline": "false" if args.no_blind else None}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
-    run_evaluation(load_config(args.config, EvalJobConfig, overrides))
+    run_evaluation(load_config(args.config, EvalJobConfig, _overrides(args)))
     return 0
 
 

@@ -48,6 +48,19 @@ def test_eval_flags_map_to_config_keys_and_errors_are_one_line(tmp_path, capsys)
     assert "cannot read the question file" in err and "q.jsonl" in err and "Traceback" not in err
 
 
+def test_config_flags_become_overrides_and_set_comes_last():
+    from llava_platform.cli import _overrides, build_parser
+
+    args = build_parser().parse_args(["data", "prepare", "--data", "d.json", "--stage", "finetune", "--overwrite",
+                                      "--set", "stage=pretrain"])
+    assert _overrides(args) == ["data.data_path=d.json", "stage=finetune", "overwrite=true", "stage=pretrain"]
+    args = build_parser().parse_args(["model", "pretrain-components", "--world", "w", "--no-reuse"])
+    assert _overrides(args) == ["world=w", "reuse=false"]
+    args = build_parser().parse_args(["eval", "--model", "m", "--no-blind"])
+    assert _overrides(args) == ["model.checkpoint=m", "eval.blind_baseline=false"]
+    assert _overrides(build_parser().parse_args(["eval"])) == []
+
+
 def test_model_export_to_the_original_layout_and_import_back(tmp_path, capsys):
     from transformers import LlavaForConditionalGeneration
 

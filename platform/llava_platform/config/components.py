@@ -8,6 +8,12 @@ from pydantic import Field, model_validator
 from llava_platform.config.schema import ComponentStage, StorageConfig, StrictModel, TrackingConfig, TrainConfig
 
 
+def _heads_divide_width(spec):
+    if spec.hidden_size % spec.heads:
+        raise ValueError(f"hidden_size {spec.hidden_size} is not a multiple of heads {spec.heads}")
+    return spec
+
+
 class VisionTowerSpec(StrictModel):
     """A CLIP-style vision tower made on the synthetic world: ``transformers.CLIPModel`` (vision + text
     towers) with its contrastive loss on image-caption pairs, plus a dense objective on the patch
@@ -38,8 +44,7 @@ class VisionTowerSpec(StrictModel):
     def _check(self) -> "VisionTowerSpec":
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_size % self.heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+        _heads_divide_width(self)
         if not -self.layers - 1 <= self.feature_layer <= self.layers:
             raise ValueError(f"feature_layer {self.feature_layer} is outside the tower's {self.layers} layers")
         return self
@@ -55,11 +60,7 @@ class LanguageModelSpec(StrictModel):
     max_position_embeddings: int = Field(2048, gt=0)
     tie_word_embeddings: bool = False
 
-    @model_validator(mode="after")
-    def _check(self) -> "LanguageModelSpec":
-        if self.hidden_size % self.heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
-        return self
+    _check = model_validator(mode="after")(_heads_divide_width)
 
 
 class ComponentRunConfig(StrictModel):
