@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch size (micro = global, one worker)")
     parser.add_argument("--zero", type=int, default=2, help="DeepSpeed ZeRO stage for the Ray side (default 2)")
     parser.add_argument("--preset", default="small", help="model preset (default small)")
+    parser.add_argument("--logging-steps", type=int, default=1,
+                        help="the Ray side's train.logging_steps (default 1); with N > 1 its metrics are reduced over "
+                             "the ranks every N steps only, and each figure is the mean step of N")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -67,14 +70,14 @@ def main() -> None:
             "train.num_workers=1", f"train.cpus_per_worker={max(0.5, threads - 1)}", f"train.global_batch_size={args.batch}",
             f"train.micro_batch_size={args.batch}", "train.lr=1e-4", f"train.max_steps={args.steps}",
             f"train.save_steps={10 * args.steps}", "train.precision=fp32", f"train.zero_stage={args.zero}",
-            "train.lr_scheduler=constant", "train.max_grad_norm=1.0",
+            "train.lr_scheduler=constant", "train.max_grad_norm=1.0", f"train.logging_steps={args.logging_steps}",
             f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
         result = run_training(job)
         client = MlflowClient(result.tracking_uri)
 
-        def history(key: str) -> list[float]:
+        def history(key: str) -> list[float]:  # the logged windows that start after the warm-up
             return [m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, key),
-                                            key=lambda m: m.step)][args.warmup:]
+                                            key=lambda m: m.step) if m.step - args.logging_steps >= args.warmup]
 
         ray_times, ray_waits = history("step_time_s"), history("data_wait_s")
         ray.shutdown()

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from llava_platform.config.schema import TrainConfig
+from llava_platform.train.window import Window
 from llava_platform.train.worker import WorkerArgs
 
 STATE_FILE = "train_state.json"
@@ -206,8 +207,12 @@ def _train(objective, strategy, scheduler, args: WorkerArgs, logger, count_flops
     shard = ray.train.get_dataset_shard("train")
     trace_dir = args.trace_dir  # tests record the ids each step trained on
 
-    t_step, started = time.time(), time.time()
-    step_loss, step_tokens, step_wait, step_flops, step_ids = 0.0, 0, 0.0, 0.0, []
+    # Between two logging steps every rank only adds up its own figures; the one collective that
+    # averages them over the ranks runs on logging and checkpoint steps (on every step it took a share
+    # of a small model's step time, measured with bench/train.py).
+    started = time.time()
+    window = Window(time.time())
+    step_ids: list[str] = []
     start_step = state.step
     while state.step < total_steps:
         micro = 0
@@ -219,62 +224,51 @@ def _train(objective, strategy, scheduler, args: WorkerArgs, logger, count_flops
                 continue
             collate_start = time.perf_counter()
             batch = objective.collate(rows, strategy.device)
-            step_wait += rows_in.take() + time.perf_counter() - collate_start
+            window.wait += rows_in.take() + time.perf_counter() - collate_start
             if count_flops is not None:
-                step_flops += count_flops(batch)
+                window.flops += count_flops(batch)
             loss = objective.loss(strategy.engine, batch)
             boundary = strategy.backward_and_step(loss)
             micro += 1
             state.micro_in_epoch = micro
-            step_loss += loss.item() / strategy.accumulation_steps
-            step_tokens += objective.tokens(batch)
+            window.loss += loss.item() / strategy.accumulation_steps
+            window.tokens += objective.tokens(batch)
             step_ids += [r["id"] for r in rows]
             if not boundary:
                 continue
             state.step += 1
-            log_now = state.step % t.logging_steps == 0 or state.step == total_steps
-            # Every rank measures its probe on the same steps: the reduction below is collective.
-            probes = objective.probe(strategy.engine, batch) if log_now else {}
-            names = sorted(probes)
-            stats = strategy.all_reduce_sum([step_loss, float(step_tokens), step_wait, step_flops,
-                                             *(probes[k] for k in names)])
-            elapsed = time.time() - t_step
-            world = strategy.world_size
-            metrics = {
-                "loss": stats[0] / world,
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": t.global_batch_size / elapsed,
-                "tokens_per_s": stats[1] / elapsed,
-                "step_time_s": elapsed,
-                "data_wait_s": stats[2] / world,
-                **{k: stats[4 + i] / world for i, k in enumerate(names)},
-            }
-            if peak is not None:
-                metrics["mfu"] = stats[3] / (elapsed * world * peak)
-            grad_norm = strategy.grad_norm()
-            if grad_norm is not None:
-                metrics["grad_norm"] = grad_norm
+            window.steps += 1
             state.samples += t.global_batch_size
-            state.tokens += int(stats[1])
-            state.train_seconds += elapsed
-            state.data_wait_seconds += metrics["data_wait_s"]
             if trace_dir:
                 with open(os.path.join(trace_dir, f"rank{rank}.jsonl"), "a") as f:
                     f.write(json.dumps({"step": state.step, "ids": step_ids}) + "\n")
-            if logger is not None and log_now:
-                logger.metrics(metrics, state.step)
-                eta = (time.time() - started) / (state.step - start_step) * (total_steps - state.step)
-                probe = "".join(f" | {k} {metrics[k]:.4f}" for k in names)
-                mfu = f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
-                rank0_print(f"[train] step {state.step}/{total_steps} | loss {metrics['loss']:.4f}{probe}"
-                            f" | lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.1f} samples/s"
-                            f" | data wait {metrics['data_wait_s']:.2f}s{mfu}"
-                            f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-            if state.step % t.save_steps == 0 or state.step == total_steps:
-                _save_checkpoint(strategy, state, metrics, rank, logger)
-            t_step = time.time()
-            step_loss, step_tokens, step_wait, step_flops, step_ids = 0.0, 0, 0.0, 0.0, []
-            if state.step >= total_steps:
+            step_ids = []
+            last = state.step >= total_steps
+            log_now = state.step % t.logging_steps == 0 or last
+            save_now = state.step % t.save_steps == 0 or last
+            if log_now or save_now:
+                # Every rank measures its probe on the same steps: the reduction below is collective.
+                probes = objective.probe(strategy.engine, batch) if log_now else {}
+                metrics = window.reduce(strategy, probes, t.global_batch_size, scheduler.get_last_lr()[0], peak)
+                grad_norm = strategy.grad_norm()
+                if grad_norm is not None:
+                    metrics["grad_norm"] = grad_norm
+                state.tokens += window.reduced_tokens
+                state.train_seconds += window.elapsed
+                state.data_wait_seconds += window.reduced_wait
+                if logger is not None and log_now:
+                    logger.metrics(metrics, state.step)
+                    eta = (time.time() - started) / (state.step - start_step) * (total_steps - state.step)
+                    probe = "".join(f" | {k} {metrics[k]:.4f}" for k in sorted(probes))
+                    mfu = f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+                    rank0_print(f"[train] step {state.step}/{total_steps} | loss {metrics['loss']:.4f}{probe}"
+                                f" | lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.1f} samples/s"
+                                f" | data wait {metrics['data_wait_s']:.2f}s{mfu}"
+                                f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+                if save_now:
+                    _save_checkpoint(strategy, state, metrics, rank, logger)
+                window = Window(time.time())
+            if last:
                 break
         else:
             state.epoch += 1
