@@ -80,9 +80,14 @@ class VisionPretrainingModel(torch.nn.Module):
             self.clip.logit_scale.requires_grad_(False)
 
     def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The features LLaVA takes: hidden state ``feature_layer``, CLS token dropped."""
-        out = self.clip.vision_model(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[self.spec.feature_layer][:, 1:]
+        """The features LLaVA takes: hidden state ``feature_layer``, CLS token dropped. Only the layers
+        up to it run (the tower's last layer is a quarter of its work at the default's 4 layers, and
+        nothing reads it without the contrastive term)."""
+        vision = self.clip.vision_model
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))  # hidden_states[0]
+        for layer in vision.encoder.layers[: self.spec.feature_layer % (self.spec.layers + 1)]:
+            hidden = layer(hidden, None)
+        return hidden[:, 1:]
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 cell_targets: torch.Tensor, **_: Any) -> VisionPretrainingOutput:

@@ -41,7 +41,11 @@ def test_without_the_contrastive_term_only_what_the_dense_objective_reaches_trai
     spec = SPEC.model_copy(update={"contrastive_weight": 0.0})
     torch.manual_seed(0)
     model = build_vision_pretraining_model(spec, vocab_size=100, eos_token_id=99, num_cell_classes=37)
+    ran = []
+    for i, layer in enumerate(model.clip.vision_model.encoder.layers):
+        layer.register_forward_hook(lambda *_, i=i: ran.append(i))
     out = model(**batch())
+    assert ran == [0]  # the layer above the feature layer does not run: nothing reads it
     assert out.contrastive_loss is None
     assert torch.allclose(out.loss, out.cell_loss + 0.5 * out.position_loss)
     out.loss.backward()
