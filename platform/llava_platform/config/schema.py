@@ -167,7 +167,7 @@ class TrainConfig(StrictModel):
     global_batch_size: int = Field(gt=0)
     micro_batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
-    # Stage 2 with LoRA: LLaVA trains the projector at its own learning rate.
+    # The projector's own learning rate in stage 2 (LLaVA's `mm_projector_lr`; its LoRA scripts set 2e-5).
     projector_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     epochs: float = Field(1.0, gt=0)

@@ -139,9 +139,10 @@ class LlavaObjective(Objective):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 (projector if "multi_modal_projector" in name else rest).append(p)
-        groups = [{"params": projector, "lr": t.projector_lr or t.lr}] if projector else []
-        if rest:
-            groups.append({"params": rest, "lr": t.lr})
+        # The LLM's group first: the logged `lr` is the first group's, and it is `train.lr`'s schedule.
+        groups = [{"params": rest, "lr": t.lr}] if rest else []
+        if projector:
+            groups.append({"params": projector, "lr": t.projector_lr or t.lr})
         return groups
 
     def collate(self, rows, device):

@@ -86,3 +86,15 @@ def test_vision_tower_objective_reports_its_loss_terms(tmp_path, tiny_tokenizer)
     assert set(terms) == {"contrastive_loss", "cell_loss", "position_loss"}
     assert loss.item() == pytest.approx(terms["contrastive_loss"] + terms["cell_loss"] + 0.5 * terms["position_loss"],
                                         rel=1e-5)
+
+
+def test_stage2_trains_the_projector_at_its_own_rate_and_the_llm_group_comes_first(tmp_path):
+    objective = LlavaObjective(args(llava_job(tmp_path, "train.stage=finetune", "train.projector_lr=1e-4")))
+    model, _ = objective.build()
+    llm, projector = objective.param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert llm["lr"] == 1e-3 and not any("multi_modal_projector" in names[id(p)] for p in llm["params"])
+    assert projector["lr"] == 1e-4 and all("multi_modal_projector" in names[id(p)] for p in projector["params"])
+    # without its own rate the projector follows train.lr
+    default = LlavaObjective(args(llava_job(tmp_path, "train.stage=finetune")))
+    assert [g["lr"] for g in default.param_groups(default.build()[0])] == [1e-3, 1e-3]
