@@ -208,8 +208,7 @@ def _train(objective, strategy, scheduler, args: WorkerArgs, logger, count_flops
     trace_dir = args.trace_dir  # tests record the ids each step trained on
 
     # Between two logging steps every rank only adds up its own figures; the one collective that
-    # averages them over the ranks runs on logging and checkpoint steps (on every step it took a share
-    # of a small model's step time, measured with bench/train.py).
+    # averages them over the ranks runs on logging and checkpoint steps, not on every step.
     started = time.time()
     window = Window(time.time())
     step_ids: list[str] = []
