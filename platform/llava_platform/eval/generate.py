@@ -106,7 +106,7 @@ class AnswerModel:
             return None, f"{e.reason}: {e.detail}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from llava_platform.inference.engine import DecodeRequest
+        from llava_platform.inference.requests import DecodeRequest
         from llava_platform.inference.prompts import PromptError
 
         n = len(batch["question_id"])

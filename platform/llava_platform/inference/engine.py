@@ -13,13 +13,14 @@ its own sampling parameters, seed, stop strings and token limit, and streams its
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from llava_platform.data.images import ImageSpec, normalize
+from llava_platform.inference.requests import DecodeRequest, StepOutput
 
 
 def drop_modules(model: Any, keep: str) -> Any:
@@ -71,37 +72,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     if not torch.isfinite(probs).all() or probs.sum() <= 0:  # e.g. nan logits from the model
         raise ValueError("the next-token distribution is not finite")
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@dataclass
-class DecodeRequest:
-    """One row of a decode batch. ``temperature == 0`` is greedy. ``cancelled`` (set where the row
-    decodes, when its caller has gone away) makes the row leave the batch at the next step."""
-
-    input_ids: list[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    cancelled: bool = False
-    arrival: float | None = None  # time.time() when the request reached the Gateway (metrics)
-    received: float = 0.0  # time.monotonic() when the decoding replica got it (metrics)
-
-
-@dataclass
-class StepOutput:
-    """What one decode step produced for one row: new text (possibly empty while a multi-byte
-    character or a possible stop string is held back), the running completion token count, and the
-    finish reason (``stop``, ``length``, ``cancelled`` for a row whose caller went away, or
-    ``error`` with ``error`` saying why, for a row that failed alone) on the row's last step."""
-
-    text: str
-    completion_tokens: int
-    finish_reason: str | None = None
-    error: str | None = None
-    # Rows in the decode batch this step belonged to (observability: proves requests batch together).
-    batch_rows: int = 1
 
 
 class _Row:

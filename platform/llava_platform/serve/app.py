@@ -16,6 +16,7 @@ from llava_platform.config.schema import ServeConfig
 from llava_platform.locations import serve_paths
 from llava_platform.serve.encoder import VisionEncoder
 from llava_platform.serve.gateway import API_KEY_ENV, Gateway
+from llava_platform.serve.inputs import load_prompts
 from llava_platform.serve.language_model import LanguageModel
 
 
@@ -65,7 +66,10 @@ def cpu_shortfall(deployments: list[Any], cluster_cpus: float) -> str | None:
 
 def build_app(args: LlavaAppArgs | ServeConfig, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
     """Bind the three deployments. A relative local model path is made absolute here, where the
-    caller's working directory is known (replicas run elsewhere).
+    caller's working directory is known (replicas run elsewhere). The model's processor and config
+    (not its weights) load here, for the Gateway's prompt builder: the model must be reachable where
+    the application is built (in the cluster for a Serve config file; where ``serve run`` runs for an
+    import path).
 
     Args:
         args: the application's arguments.
@@ -88,5 +92,7 @@ def build_app(args: LlavaAppArgs | ServeConfig, deployment_options: dict[str, di
         problem = cpu_shortfall([gateway, encoder, llm], ray.cluster_resources().get("CPU", 0.0))
         if problem:
             logger.warning(problem)
-    args = serve_paths(args)
-    return gateway.bind(encoder.bind(args), llm.bind(args), args)
+    # A plain ServeConfig: each replica unpickles its arguments, and LlavaAppArgs's module (this one)
+    # imports all three deployments, torch with them, which the Gateway must not load.
+    args = ServeConfig(**dict(serve_paths(args)))
+    return gateway.bind(encoder.bind(args), llm.bind(args), args, load_prompts(args))

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from llava_platform.inference.engine import DecodeRequest, Decoder
+from llava_platform.inference.engine import Decoder
+from llava_platform.inference.requests import DecodeRequest
 
 Item = tuple[DecodeRequest, list[torch.Tensor]]
 

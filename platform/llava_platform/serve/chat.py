@@ -86,7 +86,7 @@ class LocalBackend:
         self.name = f"local model {model}"
 
     def stream(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float) -> Iterator[str]:
-        from llava_platform.inference.engine import DecodeRequest
+        from llava_platform.inference.requests import DecodeRequest
         from llava_platform.serve.inputs import build_prompt, load_images
         from llava_platform.serve.protocol import parse_request
 

@@ -20,15 +20,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llava_platform.config.schema import ModelSpec, ServeConfig
-from llava_platform.data.images import Decoding, ImageSpec
-from llava_platform.inference.engine import DecodeRequest, StepOutput
+from llava_platform.config.schema import ServeConfig
+from llava_platform.inference.prompts import PromptBuilder
+from llava_platform.inference.requests import DecodeRequest, StepOutput
 from llava_platform.serve import inputs, web
 from llava_platform.serve.metrics import GatewayMetrics
 from llava_platform.serve.protocol import (ApiError, chunk_body, completion_body, completion_id, models_body,
                                            parse_request, usage)
 from llava_platform.serve.replica import replica_gone
-from llava_platform.tracking.runs import use_tracking_uri
 
 logger = logging.getLogger("ray.serve")
 API_KEY_ENV = "LLAVA_API_KEY"
@@ -145,18 +144,18 @@ RETRY_AFTER_S = 5
 class Gateway:
     """The OpenAI-compatible HTTP API: auth, limits, request validation, prompt building, SSE."""
 
-    def __init__(self, encoder: DeploymentHandle, llm: DeploymentHandle, args: ServeConfig):
+    def __init__(self, encoder: DeploymentHandle, llm: DeploymentHandle, args: ServeConfig,
+                 prompts: PromptBuilder):
+        """``prompts``: the model's prompt builder (:func:`~llava_platform.serve.inputs.load_prompts`),
+        made where the application is built: a replica unpickles a tokenizer, a template and numbers,
+        and never imports torch or loads the model."""
         import httpx
 
-        from llava_platform.model.builder import load_processor
-
-        use_tracking_uri(args.tracking_uri)
-        processor, config = load_processor(ModelSpec(checkpoint=args.model), args.storage)
         self.encoder, self.llm = encoder, llm
         self.model_name = args.model_name
         self.limits = inputs.Limits.from_config(args)
-        self.spec = ImageSpec.from_model(config, processor, args.image_aspect_ratio, Decoding.from_config(args))
-        self.prompts = inputs.prompt_builder(processor, config, self.spec, self.limits)
+        self.spec = prompts.spec
+        self.prompts = prompts
         self.max_body = args.max_body_bytes
         self.replica_wait = args.replica_wait_timeout_s
         self.chat_page = args.chat_page

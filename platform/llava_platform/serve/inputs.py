@@ -18,11 +18,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from llava_platform.config.schema import ServeConfig
-from llava_platform.data.images import ImageSpec
+from llava_platform.config.schema import ModelSpec, ServeConfig
+from llava_platform.data.images import Decoding, ImageSpec
 from llava_platform.errors import RecordError
 from llava_platform.inference.prompts import PromptBuilder, PromptError
 from llava_platform.serve.protocol import ApiError, ChatCompletionRequest, Message
+from llava_platform.tracking.runs import use_tracking_uri
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S)
 
@@ -175,6 +176,19 @@ def prompt_builder(processor: Any, model_config: Any, spec: ImageSpec, limits: L
                    template: str | None = None) -> PromptBuilder:
     """The model's :class:`~llava_platform.inference.prompts.PromptBuilder` under these limits."""
     return PromptBuilder(processor, model_config, spec, limits.max_new_tokens, limits.max_prompt_chars, template)
+
+
+def load_prompts(args: ServeConfig) -> PromptBuilder:
+    """The served model's prompt builder from its processor and config (no weights; MLflow URIs
+    resolve against ``args.tracking_uri``). It pickles as a tokenizer, a chat template and numbers,
+    so the Gateway gets it whole and imports neither torch nor the model's code (transformers' config
+    classes import torch); measured in bench/serve.py (e)."""
+    from llava_platform.model.builder import load_processor  # torch
+
+    use_tracking_uri(args.tracking_uri)
+    processor, config = load_processor(ModelSpec(checkpoint=args.model), args.storage)
+    spec = ImageSpec.from_model(config, processor, args.image_aspect_ratio, Decoding.from_config(args))
+    return prompt_builder(processor, config, spec, Limits.from_config(args))
 
 
 def build_prompt(builder: PromptBuilder, request: ChatCompletionRequest, images: list[PreparedImage]) -> Prompt:

@@ -10,7 +10,8 @@ import torch
 from ray import serve
 
 from llava_platform.config.schema import ServeConfig
-from llava_platform.inference.engine import DecodeRequest, Decoder, StepOutput, drop_modules
+from llava_platform.inference.engine import Decoder, drop_modules
+from llava_platform.inference.requests import DecodeRequest, StepOutput
 from llava_platform.serve.batching import ContinuousBatcher, Item
 from llava_platform.serve.metrics import LanguageModelMetrics
 from llava_platform.serve.replica import Unhealthy, load_model, replica_id

@@ -8,7 +8,6 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from llava_platform.config.schema import ServeConfig
-from llava_platform.inference.engine import load_for_serving
 from llava_platform.tracking.runs import use_tracking_uri
 
 # A replica that died (killed, OOM, its node gone), could not be reached, or a deployment with none.
@@ -17,6 +16,8 @@ REPLICA_GONE = (RayActorError, DeploymentUnavailableError)
 
 def load_model(args: ServeConfig) -> tuple[Any, Any]:
     """The served model and its processor (MLflow URIs resolve against ``args.tracking_uri``)."""
+    from llava_platform.inference.engine import load_for_serving  # torch: not for the Gateway, which imports this module
+
     use_tracking_uri(args.tracking_uri)
     return load_for_serving(args.model, args.storage, args.dtype)
 

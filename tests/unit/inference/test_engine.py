@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llava_platform.data.images import ImageSpec
-from llava_platform.inference.engine import DecodeRequest, Decoder, ImageEncoderCore, drop_modules, load_for_serving
+from llava_platform.inference.engine import Decoder, ImageEncoderCore, drop_modules, load_for_serving
+from llava_platform.inference.requests import DecodeRequest
 from llava_platform.inference.prompts import PromptBuilder
 
 from inference_helpers import png, reference_greedy

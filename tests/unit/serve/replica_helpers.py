@@ -6,7 +6,7 @@ import asyncio
 
 import ray
 
-from llava_platform.inference.engine import DecodeRequest
+from llava_platform.inference.requests import DecodeRequest
 
 
 def batch_rows(serve_app, tiny_model_dir, calls: int, max_tokens: int) -> list[int]:

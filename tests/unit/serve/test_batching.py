@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from llava_platform.inference.engine import DecodeRequest, Decoder, drop_modules, load_for_serving
+from llava_platform.inference.engine import Decoder, drop_modules, load_for_serving
+from llava_platform.inference.requests import DecodeRequest
 from llava_platform.serve.batching import ContinuousBatcher
 
 

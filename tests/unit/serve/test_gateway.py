@@ -25,6 +25,29 @@ def test_models_and_health(serve_app, client):
     assert [m.id for m in client.models.list().data] == ["llava"]
     assert httpx.get(f"{serve_app.url}/healthz").json() == {"status": "ok"}
 
+def _replica_maps(app: str, deployment: str) -> list[str]:
+    """The memory maps of each replica process of ``app``'s ``deployment`` (found by the title Ray
+    gives a replica's worker), to see which libraries and files it holds."""
+    import psutil
+
+    maps = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"ServeReplica:{app}:{deployment}" in " ".join(proc.info["cmdline"] or []):
+            maps.append(Path(f"/proc/{proc.pid}/maps").read_text())
+    return maps
+
+
+def test_the_gateway_replica_loads_no_torch_and_no_weights(serve_app, client):
+    """The Gateway parses, decodes images and tokenizes: its process maps neither torch nor the
+    model's weights, where a LanguageModel replica maps both (issue 13: it held 1.6 GB, then 586 MB
+    with torch)."""
+    client.models.list()
+    gateway, models = _replica_maps(serve_app.name, "Gateway"), _replica_maps(serve_app.name, "LanguageModel")
+    assert gateway and models
+    assert all("libtorch" in m for m in models)
+    assert not any("libtorch" in m or ".safetensors" in m for m in gateway)
+
+
 def test_openai_client_answer_equals_single_process_generate(client, reference):
     raw = png("red", (36, 24))
     messages = [user_image_message(raw, "What colour is the shape?")]

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import pickle
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 from inference_helpers import data_url, png
 
-from llava_platform.config.schema import ModelSpec
+from llava_platform.config.schema import ModelSpec, ServeConfig
 from llava_platform.model.builder import load_processor
 from llava_platform.data.images import ImageSpec
-from llava_platform.serve.inputs import (Limits, build_prompt, decode_data_url, fetch_image, load_images,
+from llava_platform.serve.inputs import (Limits, build_prompt, decode_data_url, fetch_image, load_images, load_prompts,
                                          prepare_image_bytes, prompt_builder, template_messages)
 from llava_platform.serve.protocol import ApiError, parse_request
 
@@ -100,3 +104,30 @@ def test_prompt_refusals_are_400s_naming_the_param(builder, model_parts):
     assert _refused(build_prompt, builder, last_assistant, []).code == "invalid_role"
     small = prompt_builder(*model_parts, Limits(max_prompt_chars=3))
     assert _refused(build_prompt, small, _request("four"), []).code == "prompt_too_long"
+
+
+# Run in a fresh interpreter: the Gateway module and the pickled prompt builder, nothing else.
+_GATEWAY_SIDE = """
+import json, pickle, sys
+import llava_platform.serve.gateway
+prompts = pickle.loads(sys.stdin.buffer.read())
+print(json.dumps({"torch": "torch" in sys.modules, "ids": prompts.input_ids(json.loads(sys.argv[1])),
+                  "spec": [prompts.spec.size, prompts.spec.num_tokens]}))
+"""
+
+
+def test_the_gateway_gets_its_prompt_builder_whole_and_never_imports_torch(tiny_model_dir):
+    """What build_app hands the Gateway tokenizes as the builder made here does, in a process that
+    imports the Gateway's module and no torch (the Gateway loads no model: issue 13)."""
+    prompts = load_prompts(ServeConfig(model=str(tiny_model_dir)))
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the triangle?"}]},
+                {"role": "assistant", "content": "Red."},
+                {"role": "user", "content": "And the circle? ünïcödé 🙂"}]
+    proc = subprocess.run([sys.executable, "-c", _GATEWAY_SIDE, json.dumps(messages)], input=pickle.dumps(prompts),
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    side = json.loads(proc.stdout.decode().splitlines()[-1])
+    assert side["torch"] is False
+    assert side["ids"] == prompts.input_ids(messages) and side["ids"].count(prompts.image_token_id) == prompts.spec.num_tokens
+    assert side["spec"] == [prompts.spec.size, prompts.spec.num_tokens]

@@ -12,7 +12,7 @@ import pytest
 from inference_helpers import png, user_image_message
 from replica_helpers import batch_rows, replica_stats
 
-from llava_platform.inference.engine import DecodeRequest
+from llava_platform.inference.requests import DecodeRequest
 
 pytestmark = pytest.mark.ray
 

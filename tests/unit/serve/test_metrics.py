@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from inference_helpers import png, user_image_message
 
-from llava_platform.inference.engine import DecodeRequest
+from llava_platform.inference.requests import DecodeRequest
 from llava_platform.serve.metrics import exported_names
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "infra" / "grafana" / "llava-serve.json"
