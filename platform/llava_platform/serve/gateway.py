@@ -154,7 +154,6 @@ class Gateway:
         self.encoder, self.llm = encoder, llm
         self.model_name = args.model_name
         self.limits = inputs.Limits.from_config(args)
-        self.spec = prompts.spec
         self.prompts = prompts
         self.max_body = args.max_body_bytes
         self.replica_wait = args.replica_wait_timeout_s
@@ -268,7 +267,7 @@ class Gateway:
             raise ApiError(404, f"The model `{chat.model}` does not exist; this server serves `{self.model_name}`",
                            "model", "model_not_found")
         stops = chat.stop_strings()
-        images = await inputs.load_images(chat, self.spec, self.limits, self.http)
+        images = await inputs.load_images(chat, self.prompts.spec, self.limits, self.http)
         prompt = await asyncio.to_thread(inputs.build_prompt, self.prompts, chat, images)  # tokenizing: off the loop
         req = DecodeRequest(prompt.input_ids, prompt.max_new_tokens, chat.temperature, chat.top_p, chat.seed, stops,
                             arrival=arrival)
