@@ -233,7 +233,10 @@ def _duplicates(ds) -> tuple[int, dict[str, int]]:
     if not blocks:
         return 0, {}
     ids = pa.concat_tables(blocks)
-    stats = ids.filter(pc.is_valid(ids.column("id"))).group_by("id").aggregate([("row", "count"), ("row", "min")])
+    # One thread: Acero's pool raised "thread index 11 is out of range [0, 11)" in a CI run (pyarrow
+    # 25.0.1, called from the driver beside Ray's threads); a count and a min need no parallelism.
+    stats = (ids.filter(pc.is_valid(ids.column("id"))).group_by("id", use_threads=False)
+             .aggregate([("row", "count"), ("row", "min")]))
     dups = stats.filter(pc.greater(stats.column("row_count"), 1))
     return ids.num_rows, dict(zip(dups.column("id").to_pylist(), dups.column("row_min").to_pylist()))
 
