@@ -39,7 +39,7 @@ def _replica_maps(app: str, deployment: str) -> list[str]:
 
 def test_the_gateway_replica_loads_no_torch_and_no_weights(serve_app, client):
     """The Gateway parses, decodes images and tokenizes: its process maps neither torch nor the
-    model's weights, where a LanguageModel replica maps both (issue 13: it held 1.6 GB, then 586 MB
+    model's weights, where a LanguageModel replica maps torch (issue 13: it held 1.6 GB, then 586 MB
     with torch)."""
     client.models.list()
     gateway, models = _replica_maps(serve_app.name, "Gateway"), _replica_maps(serve_app.name, "LanguageModel")
