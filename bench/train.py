@@ -7,6 +7,10 @@ single-process PyTorch loop over the same model, data and batch size, in one run
 Start-up is excluded on both sides: each side times its own optimizer steps, and the first
 ``--warmup`` steps are dropped; the figure is the median step's samples/s. The plain loop uses the same
 collate, AdamW, gradient clipping and data order (the prepared shards read in order).
+
+It also prints how much of the machine's CPU each side's training process had while it trained, and
+how much went to everything else: on a small machine Ray's own processes (GCS, raylet, dashboard, the
+Train controller and Data coordinator actors) take a share the plain loop never pays.
 """
 
 from __future__ import annotations
@@ -18,6 +22,71 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+
+class CpuSampler:
+    """Samples, once a second on a thread, the machine's busy CPU seconds and those of the Ray Train
+    worker process (found by the title Ray gives it), so the report can say how much of the machine the
+    worker had while it trained and how much went to everything else (Ray's own processes, the driver)."""
+
+    def __init__(self, interval_s: float = 1.0):
+        import threading
+
+        self.samples: list[tuple[float, float, float]] = []  # (wall time, machine busy s, worker s)
+        self._stop = threading.Event()
+        self._interval = interval_s
+        self._worker = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _worker_seconds(self) -> float:
+        import psutil
+
+        try:
+            if self._worker is None:
+                self._worker = next(p for p in psutil.process_iter(["cmdline"])
+                                    if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+            t = self._worker.cpu_times()
+            return t.user + t.system
+        except (StopIteration, psutil.Error):
+            self._worker = None
+            return float("nan")
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self._interval):
+            c = psutil.cpu_times()
+            self.samples.append((time.time(), c.user + c.nice + c.system + c.irq + c.softirq + c.steal,
+                                 self._worker_seconds()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def shares(self, start: float, end: float) -> tuple[float, float] | None:
+        """(the worker's share of the machine's CPU, everything else's share) between two wall times."""
+        inside = [s for s in self.samples if start <= s[0] <= end and s[2] == s[2]]
+        if len(inside) < 2:
+            return None
+        (t0, busy0, w0), (t1, busy1, w1) = inside[0], inside[-1]
+        capacity = (t1 - t0) * (os.cpu_count() or 1)
+        return (w1 - w0) / capacity, ((busy1 - busy0) - (w1 - w0)) / capacity
+
+
+def _cpu_now() -> tuple[float, float, float]:
+    """(wall time, the machine's busy CPU seconds, this process's CPU seconds)."""
+    import psutil
+
+    c, me = psutil.cpu_times(), psutil.Process().cpu_times()
+    return time.time(), c.user + c.nice + c.system + c.irq + c.softirq + c.steal, me.user + me.system
+
+
+def _shares_since(start: tuple[float, float, float]) -> tuple[float, float]:
+    """(this process's share of the machine's CPU since ``start``, everything else's share)."""
+    (t0, busy0, me0), (t1, busy1, me1) = start, _cpu_now()
+    capacity = (t1 - t0) * (os.cpu_count() or 1)
+    return (me1 - me0) / capacity, ((busy1 - busy0) - (me1 - me0)) / capacity
 
 
 def main() -> None:
@@ -72,14 +141,20 @@ def main() -> None:
             f"train.save_steps={10 * args.steps}", "train.precision=fp32", f"train.zero_stage={args.zero}",
             "train.lr_scheduler=constant", "train.max_grad_norm=1.0", f"train.logging_steps={args.logging_steps}",
             f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
-        result = run_training(job)
+        sampler = CpuSampler()
+        try:
+            result = run_training(job)
+        finally:
+            sampler.stop()
         client = MlflowClient(result.tracking_uri)
 
-        def history(key: str) -> list[float]:  # the logged windows that start after the warm-up
-            return [m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, key),
-                                            key=lambda m: m.step) if m.step - args.logging_steps >= args.warmup]
+        def logged(key: str) -> list:  # the logged windows that start after the warm-up
+            return [m for m in sorted(client.get_metric_history(result.mlflow_run_id, key), key=lambda m: m.step)
+                    if m.step - args.logging_steps >= args.warmup]
 
-        ray_times, ray_waits = history("step_time_s"), history("data_wait_s")
+        ray_times, ray_waits = [m.value for m in logged("step_time_s")], [m.value for m in logged("data_wait_s")]
+        stamps = [m.timestamp / 1000 for m in logged("step_time_s")]
+        shares = sampler.shares(stamps[0], stamps[-1]) if stamps else None
         ray.shutdown()
 
         # The plain single-process loop over the same rows in the same order.
@@ -92,11 +167,13 @@ def main() -> None:
                                 image_size=model.config.vision_config.image_size)
         opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-4, weight_decay=0.0)
         plain_times = []
+        plain_cpu = _cpu_now()
         for step in range(args.steps):
             batch_rows = rows[(step * args.batch) % len(rows):][: args.batch]
             t0 = time.perf_counter()
             optimizer_step(model, collate(batch_rows), opt, max_grad_norm=1.0)
             plain_times.append(time.perf_counter() - t0)
+        plain_shares = _shares_since(plain_cpu)
         plain_times = plain_times[args.warmup:]
 
         ray_sps = args.batch / statistics.median(ray_times)
@@ -111,6 +188,12 @@ def main() -> None:
         # (rows from the shard + collate; the plain loop's collate is inside its step too).
         print(f"median step: plain {statistics.median(plain_times) * 1000:.0f} ms, Ray {statistics.median(ray_times) * 1000:.0f} ms"
               f" (of it waiting for input {statistics.median(ray_waits) * 1000:.0f} ms)")
+        # Where the machine's CPU went while each side trained.
+        print(f"CPU of the machine: plain loop {plain_shares[0]:.0%} (everything else {plain_shares[1]:.0%})", end="")
+        if shares is not None:
+            print(f"; Ray's worker {shares[0]:.0%} (everything else, Ray's own processes and the driver, {shares[1]:.0%})")
+        else:
+            print()
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(temp, ignore_errors=True)
