@@ -24,69 +24,59 @@ import time
 from pathlib import Path
 
 
+def _cpu_sample(proc) -> tuple[float, float, float]:
+    """(wall time, the machine's busy CPU seconds, ``proc``'s CPU seconds; NaN if it is gone)."""
+    import psutil
+
+    c = psutil.cpu_times()
+    try:
+        own = proc.cpu_times()
+        seconds = own.user + own.system
+    except psutil.Error:
+        seconds = float("nan")
+    return time.time(), c.user + c.nice + c.system + c.irq + c.softirq + c.steal, seconds
+
+
+def _cpu_shares(first: tuple[float, float, float], last: tuple[float, float, float]) -> tuple[float, float]:
+    """Between two :func:`_cpu_sample` s: (the process's share of the machine's CPU, everything else's)."""
+    (t0, busy0, own0), (t1, busy1, own1) = first, last
+    capacity = (t1 - t0) * (os.cpu_count() or 1)
+    return (own1 - own0) / capacity, ((busy1 - busy0) - (own1 - own0)) / capacity
+
+
 class CpuSampler:
-    """Samples, once a second on a thread, the machine's busy CPU seconds and those of the Ray Train
-    worker process (found by the title Ray gives it), so the report can say how much of the machine the
-    worker had while it trained and how much went to everything else (Ray's own processes, the driver)."""
+    """Samples (:func:`_cpu_sample`) the Ray Train worker process (found by the title Ray gives it) once
+    a second on a thread, so the report can say how much of the machine the worker had while it trained
+    and how much went to everything else (Ray's own processes, the driver)."""
 
     def __init__(self, interval_s: float = 1.0):
         import threading
 
-        self.samples: list[tuple[float, float, float]] = []  # (wall time, machine busy s, worker s)
+        self.samples: list[tuple[float, float, float]] = []
         self._stop = threading.Event()
         self._interval = interval_s
-        self._worker = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-
-    def _worker_seconds(self) -> float:
-        import psutil
-
-        try:
-            if self._worker is None:
-                self._worker = next(p for p in psutil.process_iter(["cmdline"])
-                                    if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []))
-            t = self._worker.cpu_times()
-            return t.user + t.system
-        except (StopIteration, psutil.Error):
-            self._worker = None
-            return float("nan")
 
     def _run(self) -> None:
         import psutil
 
+        worker = None
         while not self._stop.wait(self._interval):
-            c = psutil.cpu_times()
-            self.samples.append((time.time(), c.user + c.nice + c.system + c.irq + c.softirq + c.steal,
-                                 self._worker_seconds()))
+            if worker is None:  # the worker starts after the sampler
+                worker = next((p for p in psutil.process_iter(["cmdline"])
+                               if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])), None)
+            if worker is not None:
+                self.samples.append(_cpu_sample(worker))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
     def shares(self, start: float, end: float) -> tuple[float, float] | None:
-        """(the worker's share of the machine's CPU, everything else's share) between two wall times."""
+        """:func:`_cpu_shares` between two wall times (None: fewer than two samples there)."""
         inside = [s for s in self.samples if start <= s[0] <= end and s[2] == s[2]]
-        if len(inside) < 2:
-            return None
-        (t0, busy0, w0), (t1, busy1, w1) = inside[0], inside[-1]
-        capacity = (t1 - t0) * (os.cpu_count() or 1)
-        return (w1 - w0) / capacity, ((busy1 - busy0) - (w1 - w0)) / capacity
-
-
-def _cpu_now() -> tuple[float, float, float]:
-    """(wall time, the machine's busy CPU seconds, this process's CPU seconds)."""
-    import psutil
-
-    c, me = psutil.cpu_times(), psutil.Process().cpu_times()
-    return time.time(), c.user + c.nice + c.system + c.irq + c.softirq + c.steal, me.user + me.system
-
-
-def _shares_since(start: tuple[float, float, float]) -> tuple[float, float]:
-    """(this process's share of the machine's CPU since ``start``, everything else's share)."""
-    (t0, busy0, me0), (t1, busy1, me1) = start, _cpu_now()
-    capacity = (t1 - t0) * (os.cpu_count() or 1)
-    return (me1 - me0) / capacity, ((busy1 - busy0) - (me1 - me0)) / capacity
+        return _cpu_shares(inside[0], inside[-1]) if len(inside) >= 2 else None
 
 
 def main() -> None:
@@ -107,6 +97,7 @@ def main() -> None:
     threads = os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
+    import psutil
     import pyarrow.dataset as pads
     import ray
     import torch
@@ -152,9 +143,11 @@ def main() -> None:
             return [m for m in sorted(client.get_metric_history(result.mlflow_run_id, key), key=lambda m: m.step)
                     if m.step - args.logging_steps >= args.warmup]
 
-        ray_times, ray_waits = [m.value for m in logged("step_time_s")], [m.value for m in logged("data_wait_s")]
-        stamps = [m.timestamp / 1000 for m in logged("step_time_s")]
-        shares = sampler.shares(stamps[0], stamps[-1]) if stamps else None
+        steps_logged = logged("step_time_s")
+        ray_times, ray_waits = [m.value for m in steps_logged], [m.value for m in logged("data_wait_s")]
+        # the CPU shares over the logged windows (from the end of the first to the end of the last)
+        shares = (sampler.shares(steps_logged[0].timestamp / 1000, steps_logged[-1].timestamp / 1000)
+                  if steps_logged else None)
         ray.shutdown()
 
         # The plain single-process loop over the same rows in the same order.
@@ -167,13 +160,14 @@ def main() -> None:
                                 image_size=model.config.vision_config.image_size)
         opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-4, weight_decay=0.0)
         plain_times = []
-        plain_cpu = _cpu_now()
+        me = psutil.Process()
+        plain_cpu = _cpu_sample(me)
         for step in range(args.steps):
             batch_rows = rows[(step * args.batch) % len(rows):][: args.batch]
             t0 = time.perf_counter()
             optimizer_step(model, collate(batch_rows), opt, max_grad_norm=1.0)
             plain_times.append(time.perf_counter() - t0)
-        plain_shares = _shares_since(plain_cpu)
+        plain_shares = _cpu_shares(plain_cpu, _cpu_sample(me))
         plain_times = plain_times[args.warmup:]
 
         ray_sps = args.batch / statistics.median(ray_times)
