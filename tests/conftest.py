@@ -161,6 +161,11 @@ def ray_cluster():
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    from llava_platform.serve import stall
+
+    # The proxy's stall guard as the cluster files install it, with a timeout short enough for a test.
+    os.environ[stall.CALLBACK_ENV] = stall.IMPORT_PATH
+    os.environ[stall.TIMEOUT_ENV] = "3"
     import ray
     from ray.cluster_utils import Cluster
 

@@ -140,12 +140,15 @@ def run_demo(workdir: str | Path, n: int = DEFAULTS["n"], steps: int = DEFAULTS[
     from llava_platform.data import synthetic
     from llava_platform.eval.evaluate import run_evaluation
     from llava_platform.ray_utils import init_ray
+    from llava_platform.serve import stall
 
     t0 = time.time()
     work = Path(workdir).resolve()
     data_dir = work / "data"
     print(f"[demo] synthesising {n} scenes (+{n_eval} held out) into {data_dir}")
     summary = synthetic.write_dataset(data_dir, n=n, seed=0, n_eval=n_eval)
+    # Installed before Ray starts, so that the local cluster's HTTP proxy cuts clients that stop reading.
+    os.environ.setdefault(stall.CALLBACK_ENV, stall.IMPORT_PATH)
     init_ray()
     db = work / "mlruns" / "mlflow.db"
     tracking = f"tracking.tracking_uri=sqlite:///{db}"

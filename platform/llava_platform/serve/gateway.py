@@ -17,13 +17,14 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_platform.config.schema import ServeConfig
 from llava_platform.inference.prompts import PromptBuilder
 from llava_platform.inference.requests import DecodeRequest, StepOutput
-from llava_platform.serve import inputs, web
+from llava_platform.serve import inputs, stall, web
 from llava_platform.serve.metrics import GatewayMetrics
 from llava_platform.serve.protocol import (ApiError, chunk_body, completion_body, completion_id, models_body,
                                            parse_request, usage)
@@ -58,7 +59,9 @@ def api_key(args: ServeConfig) -> bytes | None:
 class ObserveRequests:
     """ASGI middleware: each HTTP request's route (the matched path template, ``unmatched`` for
     none), method, status code and end-to-end time (to the response's last byte, so a stream counts
-    until it ends) go to the Gateway's metrics (``app.state.metrics``)."""
+    until it ends) go to the Gateway's metrics (``app.state.metrics``). A ``receive`` that Serve ends
+    with ``TaskCancelledError`` (the proxy gave the client up, as its stall guard does) reads as the
+    client's disconnect, not as a server failure."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -74,8 +77,14 @@ class ObserveRequests:
                 status[0] = message["status"]
             await send(message)
 
+        async def observed_receive() -> dict:
+            try:
+                return await receive()
+            except TaskCancelledError:  # Serve cancelled the proxy's receive call: the client went away
+                return {"type": "http.disconnect"}
+
         try:
-            await self.app(scope, receive, observed_send)
+            await self.app(scope, observed_receive, observed_send)
         finally:  # also when the client went away mid-stream
             route = getattr(scope.get("route"), "path", "unmatched")
             metrics.request(route, scope["method"], status[0], time.monotonic() - started)
@@ -162,6 +171,10 @@ class Gateway:
         self.http = httpx.AsyncClient(timeout=10.0)
         self.created = int(time.time())
         self.metrics = api.state.metrics = GatewayMetrics(args.model_name)
+        if not stall.installed():
+            logger.warning("Serve's HTTP proxy on this node has no stall guard: a client that stops reading keeps "
+                           "its row decoding to max_tokens. Start Ray with %s=%s (the cluster files do).",
+                           stall.CALLBACK_ENV, stall.IMPORT_PATH)
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
