@@ -21,7 +21,7 @@ Install it on every node's proxy through the environment Ray starts with (the cl
 and the demo do)::
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=llava_platform.serve.stall:proxy_middlewares
-    LLAVA_STREAM_STALL_TIMEOUT_S=30        # optional; the default is 30
+    LLAVA_STREAM_STALL_TIMEOUT_S=10        # optional; the default is 10
     LLAVA_STREAM_SEND_BUFFER_BYTES=16384   # optional; the default is 16384
 """
 
@@ -38,7 +38,7 @@ IMPORT_PATH = "llava_platform.serve.stall:proxy_middlewares"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Serve's own variable
 TIMEOUT_ENV = "LLAVA_STREAM_STALL_TIMEOUT_S"
 BUFFER_ENV = "LLAVA_STREAM_SEND_BUFFER_BYTES"
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_BUFFER_BYTES = 16384
 STALLED_METRIC = "llava_stalled_streams"  # on Ray's endpoint: ray_llava_stalled_streams_total
 DISCONNECT = {"type": "http.disconnect"}
@@ -135,7 +135,7 @@ def _number_from_env(name: str, default: float, kind: type, lowest: float, what:
 
 
 def settings_from_env() -> tuple[float, int]:
-    """``(timeout_s, send_buffer_bytes)`` from ``LLAVA_STREAM_STALL_TIMEOUT_S`` (default 30) and
+    """``(timeout_s, send_buffer_bytes)`` from ``LLAVA_STREAM_STALL_TIMEOUT_S`` (default 10) and
     ``LLAVA_STREAM_SEND_BUFFER_BYTES`` (default 16384); a bad value is refused with the variable's name."""
     timeout = _number_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, float, 1e-3, "a positive number of seconds")
     size = _number_from_env(BUFFER_ENV, DEFAULT_BUFFER_BYTES, int, 1024, "a whole number of bytes >= 1024")
