@@ -29,7 +29,7 @@ browser:
 	fi
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	$(BIN)/llava-platform demo --workdir demo_run
