@@ -79,7 +79,7 @@ class ChatCompletionRequest(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's range (int64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1

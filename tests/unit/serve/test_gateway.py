@@ -156,6 +156,8 @@ BAD_REQUESTS = [
      "bool_type", "include_usage"),
     ("thin image", _chat(_image(data_url(png_of(1, 100_000)))), 400, "image_aspect_ratio", "1x100000"),
     ("prompt over the character limit", _chat("x" * 300_000), 400, "prompt_too_long", "262144"),
+    ("seed over int64", _chat("hi", seed=2**64), 400, "less_than_equal", "seed"),
+    ("seed under int64", _chat("hi", seed=-2**70), 400, "greater_than_equal", "seed"),
 ]
 
 
