@@ -171,10 +171,10 @@ class Gateway:
         self.http = httpx.AsyncClient(timeout=10.0)
         self.created = int(time.time())
         self.metrics = api.state.metrics = GatewayMetrics(args.model_name)
-        if not stall.installed():
-            logger.warning("Serve's HTTP proxy on this node has no stall guard: a client that stops reading keeps "
-                           "its row decoding to max_tokens. Start Ray with %s=%s (the cluster files do).",
-                           stall.CALLBACK_ENV, stall.IMPORT_PATH)
+        if not stall.installed():  # a hint: the proxy's environment is the node's, which this replica shares
+            logger.warning("this node's environment does not name the HTTP proxy's stall guard, so a client that "
+                           "stops reading may keep its row decoding to max_tokens; start Ray with %s=%s (the "
+                           "cluster files do)", stall.CALLBACK_ENV, stall.IMPORT_PATH)
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
