@@ -51,7 +51,7 @@ def test_llava_learns_colour_from_the_image(ray_cluster, tmp_path):
     colour_q.write_text("".join(json.dumps(q) + "\n" for q in questions if q["category"] == "colour"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    facts = train_embedded_default(tmp_path, world, uri, steps=20, finetune_steps=400, tower_steps=160, lm_steps=40,
+    facts = train_embedded_default(tmp_path, world, uri, steps=20, finetune_steps=250, tower_steps=120, lm_steps=40,
                                    components=COMPONENTS, instruct=instruct, experiment="learning")
     gap = facts["pretrain"]["image_vs_blank"]
     evaluation = run_evaluation(load_config(None, EvalJobConfig, [
