@@ -16,6 +16,7 @@ Train controller and Data coordinator actors) take a share the plain loop never 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -75,7 +76,7 @@ class CpuSampler:
 
     def shares(self, start: float, end: float) -> tuple[float, float] | None:
         """:func:`_cpu_shares` between two wall times (None: fewer than two samples there)."""
-        inside = [s for s in self.samples if start <= s[0] <= end and s[2] == s[2]]
+        inside = [s for s in self.samples if start <= s[0] <= end and not math.isnan(s[2])]
         return _cpu_shares(inside[0], inside[-1]) if len(inside) >= 2 else None
 
 
